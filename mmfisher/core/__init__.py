@@ -1,0 +1,13 @@
+"""The pruning core: plain PyTorch, no OpenMMLab import.
+
+Pipeline: model -> :func:`analyse` (trace + coupling graph) -> groups ->
+:class:`FisherImportance` -> :class:`GroupFisherPruner` decisions -> masks ->
+:func:`shrink` (compact model).
+"""
+from .groups import ChannelGroup, CouplingGraph, analyse
+from .masks import ConsumerInputs
+from .shrink import SPEC_FORMAT, SpecMismatchError, make_spec, shrink, spec_to_keep
+from .trace import ModuleHandler, register_module_handler
+
+__all__ = ['analyse', 'CouplingGraph', 'ChannelGroup', 'ConsumerInputs', 'shrink', 'make_spec',
+           'spec_to_keep', 'SpecMismatchError', 'SPEC_FORMAT', 'ModuleHandler', 'register_module_handler']

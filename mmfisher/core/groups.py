@@ -1,0 +1,252 @@
+"""Step 2: coupled channel groups from a trace.
+
+A *channel* of a group is one union-find class of atoms: the positions, in
+every layer of the group, that must be removed together (one position per
+layer for a plain conv, a whole group of positions for a group conv or a
+GroupNorm group). A *group* is the set of channels that share producers: a
+conv's output channels, or a whole residual stream (every conv3, the
+downsample conv and all their consumers).
+
+``analyse(model, inputs)`` runs the trace and returns a :class:`CouplingGraph`:
+the groups, and for every channel-indexed array of every recorded module the
+flat channel index of each position (``-1``: never pruned).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+
+from .trace import ChannelTracer, ModuleRecord
+
+
+@dataclass
+class ChannelGroup:
+    """Layers that lose channels together.
+
+    ``offset``/``size``: the group's channels are ``offset .. offset+size-1`` of
+    the flat channel vector every other step uses (masks, importance, cost).
+    """
+
+    index: int
+    name: str                         # first producer that ran, e.g. 'backbone.layer1.0.conv3'
+    offset: int
+    size: int
+    producers: List[str] = field(default_factory=list)   # modules whose 'out' holds the channels
+    consumers: List[str] = field(default_factory=list)   # modules whose 'in' holds them
+    norms: List[str] = field(default_factory=list)       # per-channel modules ('feat')
+    reasons: List[str] = field(default_factory=list)     # why not prunable (empty: prunable)
+    positions_per_channel: int = 1                       # in the first producer
+
+    @property
+    def prunable(self) -> bool:
+        return not self.reasons
+
+    @property
+    def channels(self) -> range:
+        return range(self.offset, self.offset + self.size)
+
+
+@dataclass
+class LayerArray:
+    """One channel-indexed dim of one module: ``channel[p]`` is the flat channel of position p (-1: kept)."""
+
+    module: str
+    role: str
+    channel: torch.Tensor
+
+
+class CouplingGraph:
+    """The result of the analysis: groups, and for every recorded module its arrays."""
+
+    def __init__(self, model: nn.Module, tracer: ChannelTracer, seconds: float) -> None:
+        self.seconds = seconds
+        self.batch_size = tracer.batch_size
+        self.records: Dict[str, ModuleRecord] = {}
+        for i in tracer.order:
+            rec = tracer.records[i]
+            self.records[rec.name] = rec
+        self.ops_seen = dict(tracer.ops_seen)
+        self.groups: List[ChannelGroup] = []
+        self.arrays: Dict[Tuple[str, str], LayerArray] = {}
+        self._build(tracer)
+
+    # ------------------------------------------------------------------ #
+    def _build(self, tracer: ChannelTracer) -> None:
+        sets = tracer.sets
+        find = sets.find
+        roots_of: Dict[Tuple[str, str], List[int]] = {}
+        for name, rec in self.records.items():
+            for role, atoms in rec.arrays.items():
+                roots_of[(name, role)] = [find(a) if a >= 0 else -1 for a in atoms.tolist()]
+
+        # classes with a producer, grouped by co-occurrence in a producer's output
+        parent: Dict[int, int] = {}
+
+        def gfind(r: int) -> int:
+            while parent[r] != r:
+                parent[r] = parent[parent[r]]
+                r = parent[r]
+            return r
+
+        produced: List[Tuple[str, List[int]]] = []
+        for name, rec in self.records.items():
+            if rec.kind in ('conv', 'linear') and 'out' in rec.arrays:
+                roots = roots_of[(name, 'out')]
+                produced.append((name, roots))
+                for r in roots:
+                    parent.setdefault(r, r)
+                first = gfind(roots[0])
+                for r in roots[1:]:
+                    b = gfind(r)
+                    if b != first:
+                        parent[b] = first
+
+        # order groups and their channels by first appearance
+        group_roots: Dict[int, List[int]] = {}
+        first_producer: Dict[int, str] = {}
+        for name, roots in produced:
+            for r in roots:
+                g = gfind(r)
+                lst = group_roots.setdefault(g, [])
+                if g not in first_producer:
+                    first_producer[g] = name
+                if r not in lst:
+                    lst.append(r)
+        chan_of_root: Dict[int, int] = {}
+        offset = 0
+        group_of_root: Dict[int, ChannelGroup] = {}
+        for i, (g, roots) in enumerate(group_roots.items()):
+            grp = ChannelGroup(index=i, name=first_producer[g], offset=offset, size=len(roots))
+            for k, r in enumerate(roots):
+                chan_of_root[r] = offset + k
+                group_of_root[r] = grp
+                for reason in sets.reasons.get(r, []):
+                    if reason not in grp.reasons:
+                        grp.reasons.append(reason)
+            offset += len(roots)
+            self.groups.append(grp)
+        self.num_channels = offset
+
+        for (name, role), roots in roots_of.items():
+            chan = torch.tensor([chan_of_root.get(r, -1) for r in roots], dtype=torch.long)
+            self.arrays[(name, role)] = LayerArray(name, role, chan)
+            seen = set()
+            for r in roots:
+                grp = group_of_root.get(r)
+                if grp is None or grp.index in seen:
+                    continue
+                seen.add(grp.index)
+                lst = {'out': grp.producers, 'in': grp.consumers}.get(role, grp.norms)
+                if name not in lst:
+                    lst.append(name)
+        for grp in self.groups:
+            chan = self.arrays[(grp.name, 'out')].channel
+            grp.positions_per_channel = int((chan == grp.offset).sum())
+
+        prunable = torch.zeros(self.num_channels, dtype=torch.bool)
+        for grp in self.groups:
+            if grp.prunable:
+                prunable[grp.offset:grp.offset + grp.size] = True
+        self.prunable = prunable
+
+    # ------------------------------------------------------------------ #
+    def group(self, name: str) -> ChannelGroup:
+        for g in self.groups:
+            if g.name == name:
+                return g
+        raise KeyError(f'no channel group named {name!r}; groups are named after their first producer, '
+                       f'e.g. {[g.name for g in self.groups[:3]]}')
+
+    def groups_of(self, module: str, role: str = 'out') -> List[ChannelGroup]:
+        """The groups that own the channels of ``module``'s ``role`` array."""
+        chan = self.arrays[(module, role)].channel
+        return [self.groups[i] for i in sorted({self.group_index(c) for c in chan.tolist() if c >= 0})]
+
+    def group_index(self, channel: int) -> int:
+        lo, hi = 0, len(self.groups) - 1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.groups[mid].offset <= channel:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
+
+    def channel_group_index(self) -> torch.Tensor:
+        """``[num_channels]`` LongTensor: group index of every flat channel."""
+        out = torch.empty(self.num_channels, dtype=torch.long)
+        for g in self.groups:
+            out[g.offset:g.offset + g.size] = g.index
+        return out
+
+    def summary(self) -> Dict[str, Any]:
+        layers = [n for n, r in self.records.items() if r.kind in ('conv', 'linear')]
+        pr = set()
+        for g in self.groups:
+            if g.prunable:
+                pr.update(g.producers)
+                pr.update(g.consumers)
+        return {
+            'groups': len(self.groups),
+            'prunable_groups': sum(g.prunable for g in self.groups),
+            'channels': self.num_channels,
+            'prunable_channels': int(self.prunable.sum()),
+            'layers': len(layers),
+            'prunable_layers': sum(1 for n in layers if n in pr),
+            'seconds': self.seconds,
+        }
+
+    def report(self) -> str:
+        """One block per group: members, channels, prunable or why not."""
+        lines = []
+        for g in self.groups:
+            state = 'prunable' if g.prunable else 'NOT prunable: ' + '; '.join(g.reasons[:3]) + \
+                (f' (+{len(g.reasons) - 3} more)' if len(g.reasons) > 3 else '')
+            lines.append(f'[{g.index}] {g.name}: {g.size} channels x {g.positions_per_channel} -- {state}')
+            lines.append(f'    producers: {", ".join(g.producers)}')
+            if g.consumers:
+                lines.append(f'    consumers: {", ".join(g.consumers)}')
+            if g.norms:
+                lines.append(f'    per-channel: {", ".join(g.norms)}')
+        s = self.summary()
+        lines.append(f'{s["prunable_groups"]}/{s["groups"]} groups prunable, '
+                     f'{s["prunable_layers"]}/{s["layers"]} conv/linear layers prunable '
+                     f'({100.0 * s["prunable_layers"] / max(1, s["layers"]):.1f}%), '
+                     f'{s["prunable_channels"]}/{s["channels"]} channels, analysed in {s["seconds"]:.2f} s')
+        return '\n'.join(lines)
+
+
+def analyse(model: nn.Module, inputs: Union[Any, Callable[[], Any]] = None, *,
+            forward: Optional[Callable[[], Any]] = None) -> CouplingGraph:
+    """Find the coupled channel groups of ``model``.
+
+    Args:
+        model: any ``nn.Module``. Frozen parameters and eval-mode norms are analysed
+            like the others; the model runs in eval mode under ``no_grad`` and its
+            training flags are restored afterwards.
+        inputs: example input(s) for ``model(*inputs)`` (a tensor or a tuple).
+        forward: instead of ``inputs``, a callable that runs the model (e.g.
+            ``lambda: det._forward(batch)`` for an mmdet detector).
+    """
+    if forward is None:
+        if inputs is None:
+            raise ValueError('analyse() needs example inputs or a forward callable')
+        args = inputs if isinstance(inputs, tuple) else (inputs,)
+        forward = lambda: model(*args)  # noqa: E731
+        first = args[0]
+    else:
+        first = None
+    t0 = time.perf_counter()
+    tracer = ChannelTracer(model)
+    training = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        tracer.run(forward)
+    finally:
+        for m, flag in training.items():
+            m.training = flag
+    return CouplingGraph(model, tracer, time.perf_counter() - t0)

@@ -1,0 +1,163 @@
+"""Last step: the channel spec and the compact model.
+
+A *channel spec* is plain JSON: for every group, its size and the indices of the
+channels it keeps::
+
+    {"format": "mmfisher.channel_spec/1",
+     "groups": {"backbone.conv1": {"size": 64, "keep": [0, 2, 3, ...]}, ...}}
+
+``shrink(model, graph, spec)`` removes the other channels from every layer of
+every group in place: conv (plain, group, depthwise, transposed), BN/SyncBN,
+GroupNorm (``num_groups`` follows), InstanceNorm, Linear (a flattened feature map
+loses a block of inputs per channel) and modules registered with a handler. The
+compact model prints, saves and reloads like any model of those sizes.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Iterable, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from .groups import CouplingGraph
+from .trace import handler_for
+
+SPEC_FORMAT = 'mmfisher.channel_spec/1'
+
+
+class SpecMismatchError(ValueError):
+    """A channel spec that does not fit the analysed architecture."""
+
+
+def make_spec(graph: CouplingGraph, keep: torch.Tensor) -> Dict[str, Any]:
+    """Channel spec from a ``[num_channels]`` bool/0-1 vector of kept channels."""
+    keep = keep.bool()
+    groups = {}
+    for g in graph.groups:
+        k = keep[g.offset:g.offset + g.size].nonzero().flatten().tolist()
+        groups[g.name] = {'size': g.size, 'keep': k}
+    return {'format': SPEC_FORMAT, 'groups': groups}
+
+
+def spec_to_keep(graph: CouplingGraph, spec: Mapping[str, Any]) -> torch.Tensor:
+    """``[num_channels]`` bool vector from a spec; raises :class:`SpecMismatchError` naming the first misfit."""
+    if spec.get('format') != SPEC_FORMAT:
+        raise SpecMismatchError(f'not an mmfisher channel spec (format={spec.get("format")!r}, '
+                                f'expected {SPEC_FORMAT!r})')
+    keep = torch.ones(graph.num_channels, dtype=torch.bool)
+    by_name = {g.name: g for g in graph.groups}
+    for name, entry in spec['groups'].items():
+        g = by_name.get(name)
+        if g is None:
+            raise SpecMismatchError(
+                f'channel spec names group {name!r}, which this model does not have: the checkpoint was '
+                f'pruned from a different architecture (this model starts with groups '
+                f'{[x.name for x in graph.groups[:3]]})')
+        if int(entry['size']) != g.size:
+            raise SpecMismatchError(
+                f'group {name!r} has {g.size} channels in this model but {entry["size"]} in the channel spec: '
+                f'layer {g.producers[0]!r} does not match the pruned checkpoint\'s architecture')
+        idx = torch.tensor(entry['keep'], dtype=torch.long)
+        if idx.numel() == 0:
+            raise SpecMismatchError(f'group {name!r} keeps no channel')
+        if idx.min() < 0 or idx.max() >= g.size:
+            raise SpecMismatchError(f'group {name!r}: kept index out of range 0..{g.size - 1}')
+        if not g.prunable and idx.numel() != g.size:
+            raise SpecMismatchError(f'group {name!r} cannot be pruned ({g.reasons[0]}) but the spec removes '
+                                    f'{g.size - idx.numel()} of its channels')
+        k = torch.zeros(g.size, dtype=torch.bool)
+        k[idx] = True
+        keep[g.offset:g.offset + g.size] = k
+    return keep
+
+
+def kept_positions(graph: CouplingGraph, keep: torch.Tensor, module: str, role: str) -> torch.Tensor:
+    """Positions of one channel array that survive: untracked (-1) or kept channels."""
+    chan = graph.arrays[(module, role)].channel
+    ext = torch.cat([keep.bool(), torch.ones(1, dtype=torch.bool)])
+    return ext[chan].nonzero().flatten()
+
+
+def _param(old: torch.Tensor, new: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(new.detach().clone().contiguous(), requires_grad=old.requires_grad)
+
+
+def _index(module: nn.Module, name: str, dim: int, idx: torch.Tensor) -> None:
+    t = getattr(module, name, None)
+    if t is None:
+        return
+    new = t.detach().index_select(dim, idx.to(t.device))
+    if isinstance(t, nn.Parameter):
+        setattr(module, name, _param(t, new))
+    else:
+        setattr(module, name, new.clone())
+
+
+def _shrink_conv(m: nn.modules.conv._ConvNd, keep_out: torch.Tensor, keep_in: torch.Tensor) -> None:
+    transposed = getattr(m, 'transposed', False)
+    g = m.groups
+    if g > 1:
+        opg, ipg = m.out_channels // g, m.in_channels // g
+        new_g = keep_out.numel() // opg
+        if keep_out.numel() % opg or keep_in.numel() != new_g * ipg:
+            raise SpecMismatchError(f'group conv {m}: kept channels do not form whole groups')
+        _index(m, 'weight', 1 if transposed else 0, keep_in if transposed else keep_out)
+        m.groups = new_g
+    elif transposed:
+        _index(m, 'weight', 0, keep_in)
+        _index(m, 'weight', 1, keep_out)
+    else:
+        _index(m, 'weight', 0, keep_out)
+        _index(m, 'weight', 1, keep_in)
+    _index(m, 'bias', 0, keep_out)
+    m.out_channels, m.in_channels = keep_out.numel(), keep_in.numel()
+
+
+def _shrink_linear(m: nn.Linear, keep_out: torch.Tensor, keep_in: torch.Tensor) -> None:
+    _index(m, 'weight', 0, keep_out)
+    _index(m, 'weight', 1, keep_in)
+    _index(m, 'bias', 0, keep_out)
+    m.out_features, m.in_features = keep_out.numel(), keep_in.numel()
+
+
+def _shrink_norm(m: nn.Module, keep: torch.Tensor) -> None:
+    n = keep.numel()
+    if isinstance(m, nn.GroupNorm):
+        per = m.num_channels // m.num_groups
+        if n % per:
+            raise SpecMismatchError(f'{m}: kept channels do not form whole GroupNorm groups')
+        m.num_groups, m.num_channels = n // per, n
+    else:
+        m.num_features = n
+    for name in ('weight', 'bias', 'running_mean', 'running_var'):
+        _index(m, name, 0, keep)
+
+
+def shrink(model: nn.Module, graph: CouplingGraph, spec_or_keep: Any) -> nn.Module:
+    """Remove every channel the spec does not keep, in place; returns ``model``.
+
+    ``spec_or_keep``: a channel spec (see module docstring) or a ``[num_channels]``
+    bool vector.
+    """
+    keep = spec_or_keep if isinstance(spec_or_keep, torch.Tensor) else spec_to_keep(graph, spec_or_keep)
+    keep = keep.bool()
+    modules = dict(model.named_modules())
+    done = set()
+    for name, rec in graph.records.items():
+        m = modules.get(name, rec.module)
+        if id(m) in done:
+            continue
+        done.add(id(m))
+        kept = {role: kept_positions(graph, keep, name, role) for role in rec.arrays}
+        if all(kept[r].numel() == graph.arrays[(name, r)].channel.numel() for r in kept):
+            continue
+        h = handler_for(m)
+        if h is not None:
+            h.shrink(m, kept)
+        elif rec.kind == 'conv':
+            _shrink_conv(m, kept['out'], kept['in'])
+        elif rec.kind == 'linear':
+            _shrink_linear(m, kept['out'], kept['in'])
+        elif rec.kind == 'norm':
+            _shrink_norm(m, kept['feat'])
+    return model
