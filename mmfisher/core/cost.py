@@ -1,0 +1,154 @@
+"""What a model costs under a keep vector, and what removing one channel saves.
+
+Counted per input sample of the analysed shape (the example input's batch is
+divided out):
+
+* FLOPs: multiply-accumulates of conv and linear layers,
+  ``rows * kernel * out * in / groups`` per call (``rows``: output positions).
+* memory: feature-map elements written by conv and linear layers (the paper's
+  memory cost: n*h*w per producing layer and channel).
+* params: all parameters of the model; conv/linear weights and biases and norm
+  affine parameters shrink with their channels.
+
+``CostModel.saving(kind, keep)`` returns, for every flat channel, what removing
+it alone would save now; it is re-measured after every removal because the
+FLOPs a channel costs depend on how many channels its neighbours still have.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+
+from .groups import CouplingGraph
+
+RESOURCES = ('flops', 'memory', 'params')
+
+
+@dataclass
+class _Layer:
+    out_idx: torch.Tensor      # [out] flat channel of each output position (U = untracked)
+    in_idx: torch.Tensor       # [in]
+    rows: float                # output positions per sample, summed over calls
+    kernel: int                # kernel elements (1 for linear)
+    ipg: int                   # input channels per group
+    grouped: bool
+    bias: bool
+    out_u: torch.Tensor        # unique prunable channels among outputs, with their position counts
+    out_n: torch.Tensor
+    in_u: torch.Tensor
+    in_n: torch.Tensor
+
+
+class CostModel:
+    """FLOPs / memory / params of a model whose channels follow a keep vector."""
+
+    def __init__(self, model: nn.Module, graph: CouplingGraph) -> None:
+        U = graph.num_channels
+        self.num_channels = U
+        batch = float(graph.batch_size or 1)
+        self.layers: List[_Layer] = []
+        self.norms: List[torch.Tensor] = []
+        for name, rec in graph.records.items():
+            m = rec.module
+            if rec.kind in ('conv', 'linear') and 'out' in rec.arrays:
+                out_idx = self._ext(graph.arrays[(name, 'out')].channel, U)
+                in_idx = self._ext(graph.arrays[(name, 'in')].channel, U)
+                rows = sum(c.rows for c in rec.calls) / batch
+                if rec.kind == 'conv':
+                    kernel = int(torch.tensor(m.kernel_size).prod())
+                    groups = m.groups
+                else:
+                    kernel, groups = 1, 1
+                ou, on = self._counts(out_idx, U)
+                iu, inn = self._counts(in_idx, U)
+                self.layers.append(_Layer(out_idx, in_idx, rows, kernel, in_idx.numel() // groups, groups > 1,
+                                          getattr(m, 'bias', None) is not None, ou, on, iu, inn))
+            elif rec.kind == 'norm' and getattr(m, 'weight', None) is not None:
+                self.norms.append(self._ext(graph.arrays[(name, 'feat')].channel, U))
+        seen = set()
+        self.total_params = 0
+        for p in model.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                self.total_params += p.numel()
+        full = torch.ones(U, dtype=torch.bool)
+        self._layer_params0 = self._layer_totals(full)[2]
+        self.original = self.totals(full)
+        # memory saved by a channel does not depend on the others: compute once
+        self._memory = torch.zeros(U + 1, dtype=torch.float64)
+        for L in self.layers:
+            self._memory.index_add_(0, L.out_u, L.out_n * L.rows)
+        self._memory = self._memory[:U]
+
+    @staticmethod
+    def _ext(chan: torch.Tensor, U: int) -> torch.Tensor:
+        c = chan.clone()
+        c[c < 0] = U
+        return c
+
+    @staticmethod
+    def _counts(idx: torch.Tensor, U: int):
+        u, n = torch.unique(idx, return_counts=True)
+        return u, n.double()
+
+    def _alive(self, keep: torch.Tensor) -> torch.Tensor:
+        return torch.cat([keep.double(), torch.ones(1, dtype=torch.float64)])
+
+    def _layer_totals(self, keep: torch.Tensor):
+        alive = self._alive(keep)
+        flops = memory = params = 0.0
+        for L in self.layers:
+            O = float(alive[L.out_idx].sum())
+            per_out = L.ipg if L.grouped else float(alive[L.in_idx].sum())
+            flops += L.rows * L.kernel * O * per_out
+            memory += L.rows * O
+            params += L.kernel * O * per_out + (O if L.bias else 0.0)
+        for idx in self.norms:
+            params += 2.0 * float(alive[idx].sum())
+        return flops, memory, params
+
+    def totals(self, keep: torch.Tensor) -> Dict[str, float]:
+        """``{'flops', 'memory', 'params'}`` of the model with only ``keep`` channels."""
+        flops, memory, layer_params = self._layer_totals(keep)
+        params = float(self.total_params) - (self._layer_params0 - layer_params)
+        return {'flops': flops, 'memory': memory, 'params': params}
+
+    def ratios(self, keep: torch.Tensor) -> Dict[str, float]:
+        now = self.totals(keep)
+        return {k: now[k] / self.original[k] if self.original[k] else 1.0 for k in RESOURCES}
+
+    def saving(self, kind: str, keep: torch.Tensor) -> torch.Tensor:
+        """``[num_channels]`` float64: what removing each channel alone saves now."""
+        U = self.num_channels
+        if kind == 'memory':
+            return self._memory.clone()
+        if kind == 'none':
+            return torch.ones(U, dtype=torch.float64)
+        if kind not in ('flops', 'params'):
+            raise ValueError(f'unknown cost {kind!r}: use memory, flops, params or none')
+        alive = self._alive(keep)
+        out = torch.zeros(U + 1, dtype=torch.float64)
+        for L in self.layers:
+            scale = (L.rows if kind == 'flops' else 1.0) * L.kernel
+            O = float(alive[L.out_idx].sum())
+            if L.grouped:
+                out.index_add_(0, L.out_u, L.out_n * (scale * L.ipg))
+            else:
+                I = float(alive[L.in_idx].sum())
+                out.index_add_(0, L.out_u, L.out_n * (scale * I))
+                out.index_add_(0, L.in_u, L.in_n * (scale * O))
+                # a channel on both sides of one layer is counted once for the product
+                both = torch.isin(L.out_u, L.in_u)
+                if both.any() and L.out_u[both].max() < U:
+                    a = torch.zeros(U + 1, dtype=torch.float64).index_add_(0, L.out_u, L.out_n)
+                    b = torch.zeros(U + 1, dtype=torch.float64).index_add_(0, L.in_u, L.in_n)
+                    out -= scale * a * b
+            if kind == 'params' and L.bias:
+                out.index_add_(0, L.out_u, L.out_n)
+        if kind == 'params':
+            for idx in self.norms:
+                out.index_add_(0, idx, torch.full((idx.numel(),), 2.0, dtype=torch.float64))
+        return out[:U]

@@ -1,0 +1,94 @@
+"""Group Fisher importance of every channel.
+
+For channel i with mask m_i shared by all layers and calls that read it, and a
+consumer input A (unmasked) / A~ = A * m (masked)::
+
+    g[n, i] = sum over consumer layers and calls, over positions p of channel i,
+              over h, w of  A[n, p, h, w] * dL/dA~[n, p, h, w]
+    s[i]    = sum over samples n of g[n, i] ** 2
+
+The sum over layers and calls comes before the square (chain rule for a shared
+mask). ``g`` lives in one ``[N, U + 1]`` buffer per backward pass (any batch
+size; the last column collects positions outside prunable groups); ``accumulate()``
+squares it into ``s`` and is called once per backward.
+
+dL/dA~ is taken with a tensor hook on a per-call alias of the consumer's input,
+so a tensor read by several layers gives each layer its own gradient. No module
+backward hook is used. Inputs that do not require grad (frozen stages) get a
+detached leaf that does, so frozen layers are scored too.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Dict, List, Tuple
+
+import torch
+
+from .masks import Consumer, ConsumerInputs
+
+
+class FisherImportance:
+    """Accumulates ``s`` (``[num_channels]`` float64) from the consumers' inputs and gradients."""
+
+    def __init__(self, consumers: ConsumerInputs) -> None:
+        self.num_channels = consumers.num_channels
+        self.accum = torch.zeros(self.num_channels, dtype=torch.float64)
+        self.samples = 0
+        self.enabled = True
+        self._buffers: Dict[Tuple[int, torch.device], torch.Tensor] = {}
+        self._pending: Dict[int, torch.Tensor] = {}
+        self._next_key = 0
+        consumers.observer = self.observe
+
+    def observe(self, c: Consumer, x: torch.Tensor) -> torch.Tensor:
+        """Called by the consumer's pre-hook with its (masked) input; returns what the layer reads."""
+        if not (self.enabled and torch.is_grad_enabled()):
+            return x
+        x = x.view_as(x) if x.requires_grad else x.detach().requires_grad_()
+        key = self._next_key
+        self._next_key += 1
+        self._pending[key] = x
+        x.register_hook(lambda g, c=c, key=key: self._on_grad(c, key, g))
+        return x
+
+    def _on_grad(self, c: Consumer, key: int, g: torch.Tensor) -> None:
+        x = self._pending.pop(key, None)
+        if x is None:
+            return
+        with torch.no_grad():
+            if c.dim == 1:
+                prod = x * g
+                contrib = prod.sum(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else prod
+            else:
+                prod = (x * g)
+                contrib = prod.reshape(prod.shape[0], -1, prod.shape[-1]).sum(1) if prod.dim() > 2 else prod
+            if prod.dim() == 1:
+                contrib = contrib.unsqueeze(0)
+            contrib = contrib.float()
+            n = contrib.shape[0]
+            buf = self._buffers.get((n, contrib.device))
+            if buf is None:
+                buf = torch.zeros(n, self.num_channels + 1, device=contrib.device)
+                self._buffers[(n, contrib.device)] = buf
+            index = c.index if c.index.device == contrib.device else c.index.to(contrib.device)
+            buf.index_add_(1, index, contrib)
+
+    def accumulate(self) -> None:
+        """Square the per-sample sums of the last backward pass into ``accum``."""
+        self._pending.clear()
+        for (n, _), buf in self._buffers.items():
+            sq = buf[:, :-1].double().pow(2).sum(0).cpu()
+            bad = ~torch.isfinite(sq)
+            if bad.any():
+                warnings.warn(f'mmfisher: {int(bad.sum())} channels got a NaN/inf Fisher value this '
+                              f'iteration; it is skipped for them')
+                sq[bad] = 0
+            self.accum += sq
+            self.samples += n
+        self._buffers.clear()
+
+    def reset(self) -> None:
+        self.accum.zero_()
+        self.samples = 0
+        self._buffers.clear()
+        self._pending.clear()

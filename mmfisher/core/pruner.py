@@ -1,0 +1,258 @@
+"""The pruning decision and the pruner's state.
+
+:class:`GroupFisherPruner` ties the pipeline together for a training loop::
+
+    pruner = GroupFisherPruner(model, analyse(model, example))
+    pruner.attach()                      # masks + Fisher hooks on the consumers
+    for it, batch in enumerate(loader):
+        loss(model(batch)).backward(); optimizer.step()
+        pruner.accumulate()              # after every backward
+        if (it + 1) % 10 == 0 and not pruner.reached():
+            pruner.step()                # remove the least important channel(s)
+    compact = pruner.export()            # physically smaller copy
+
+A step removes, globally, the channel with the lowest ``Fisher / saving``
+(``saving``: memory, FLOPs or 1), never one whose removal would leave any layer
+with fewer than ``min_channels`` channels, then resets the accumulated Fisher.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from .cost import RESOURCES, CostModel
+from .groups import CouplingGraph
+from .importance import FisherImportance
+from .masks import ConsumerInputs
+from .shrink import make_spec, shrink
+
+NORMALIZATIONS = ('memory', 'flops', 'none')
+
+
+class TargetUnreachableError(ValueError):
+    """The target ratio is below what removing every removable channel achieves."""
+
+
+class GroupFisherPruner:
+    """Masks, accumulated importance, the ordered history of removed channels.
+
+    Args:
+        model: the model the graph was analysed on.
+        graph: :func:`mmfisher.core.analyse` result.
+        normalization: 'memory' (default, the paper's -M), 'flops' (-F) or 'none' (-U).
+        min_channels: no layer keeps fewer channels than this.
+        internal_only: prune only groups with one producer (the paper's -I: no residual
+            streams, FPN outputs or other cross-layer groups).
+        exclude: module names (prefix match) whose groups are never pruned.
+        target: ``(resource, ratio)``, e.g. ``('flops', 0.5)``: :meth:`reached` turns true when
+            the resource falls to ``ratio`` of the original; checked for reachability here.
+    """
+
+    def __init__(self, model: nn.Module, graph: CouplingGraph, *, normalization: str = 'memory',
+                 min_channels: int = 1, internal_only: bool = False, exclude: Sequence[str] = (),
+                 target: Optional[Sequence[Any]] = None) -> None:
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f'normalization={normalization!r} is not one of {NORMALIZATIONS}')
+        if int(min_channels) < 1:
+            raise ValueError(f'min_channels={min_channels} must be at least 1')
+        self.model = model
+        self.graph = graph
+        self.normalization = normalization
+        self.min_channels = int(min_channels)
+        self.consumers = ConsumerInputs(model, graph)
+        self.fisher = FisherImportance(self.consumers)
+        self.cost = CostModel(model, graph)
+        U = graph.num_channels
+        self.keep = torch.ones(U, dtype=torch.bool)
+        self.history: List[Dict[str, Any]] = []
+        self.steps = 0
+        self.candidates = self._candidates(internal_only, exclude)
+        self._build_members()
+        self._alive_pos = self._member_sizes.clone()
+        self.target = self._check_target(target)
+
+    # ------------------------------------------------------------------ #
+    def _candidates(self, internal_only: bool, exclude: Sequence[str]) -> torch.Tensor:
+        cand = self.graph.prunable.clone()
+        for g in self.graph.groups:
+            drop = (internal_only and len(g.producers) > 1) or any(
+                m.startswith(p) for p in exclude for m in g.producers + g.consumers + g.norms)
+            if drop:
+                cand[g.offset:g.offset + g.size] = False
+        return cand
+
+    def _build_members(self) -> None:
+        """For each channel, the (array, positions) pairs it occupies, for the min-channels rule."""
+        self._members: List[List[tuple]] = [[] for _ in range(self.graph.num_channels)]
+        sizes = []
+        for a, arr in enumerate(self.graph.arrays.values()):
+            sizes.append(arr.channel.numel())
+            u, n = torch.unique(arr.channel[arr.channel >= 0], return_counts=True)
+            for ch, cnt in zip(u.tolist(), n.tolist()):
+                self._members[ch].append((a, cnt))
+        self._member_sizes = torch.tensor(sizes, dtype=torch.long)
+
+    def _removable(self, ch: int) -> bool:
+        return all(int(self._alive_pos[a]) - cnt >= self.min_channels for a, cnt in self._members[ch])
+
+    def _check_target(self, target: Optional[Sequence[Any]]):
+        if target is None:
+            return None
+        if not (isinstance(target, (list, tuple)) and len(target) == 2):
+            raise ValueError(f'target={target!r}: expected (resource, ratio), e.g. ("flops", 0.5)')
+        resource, ratio = target[0], float(target[1])
+        if resource not in RESOURCES:
+            raise ValueError(f'target resource {resource!r} is not one of {RESOURCES}')
+        if not 0.0 < ratio < 1.0:
+            raise ValueError(f'target ratio {ratio} must be in (0, 1): it is the fraction of {resource} to keep')
+        floor = self.lowest_ratio(resource)
+        if floor > ratio:
+            raise TargetUnreachableError(
+                f'{resource} cannot fall to {ratio:.3f} of the original: removing every removable channel '
+                f'(min_channels={self.min_channels}) leaves {floor:.3f}. Raise the target ratio or prune '
+                f'more groups (internal_only / exclude).')
+        return (resource, ratio)
+
+    def lowest_ratio(self, resource: str) -> float:
+        """The ratio left if every candidate channel were removed, honouring ``min_channels`` greedily."""
+        keep = self.keep.clone()
+        alive = self._alive_pos.clone()
+        for ch in self.candidates.nonzero().flatten().tolist():
+            if keep[ch] and all(int(alive[a]) - cnt >= self.min_channels for a, cnt in self._members[ch]):
+                keep[ch] = False
+                for a, cnt in self._members[ch]:
+                    alive[a] -= cnt
+        return self.cost.ratios(keep)[resource]
+
+    # ------------------------------------------------------------------ #
+    def attach(self) -> 'GroupFisherPruner':
+        """Install mask and Fisher hooks on the consumer layers."""
+        self.consumers.set_keep(self.keep)
+        self.consumers.attach()
+        return self
+
+    def detach(self) -> None:
+        self.consumers.detach()
+
+    def accumulate(self) -> None:
+        """Fold the last backward pass into the importance; call once after every backward."""
+        self.fisher.accumulate()
+
+    def ratios(self) -> Dict[str, float]:
+        """Current ``{'flops', 'memory', 'params'}`` as fractions of the unpruned model."""
+        return self.cost.ratios(self.keep)
+
+    def reached(self) -> bool:
+        if self.target is None:
+            return False
+        resource, ratio = self.target
+        return self.ratios()[resource] <= ratio
+
+    def scores(self, importance: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[num_channels]`` normalised scores (inf where a channel may not be removed now)."""
+        imp = self.fisher.accum if importance is None else importance
+        saving = self.cost.saving(self.normalization, self.keep)
+        s = imp.double() / saving.clamp_min(1e-12)
+        s[~(self.candidates & self.keep)] = float('inf')
+        s[~torch.isfinite(imp.double())] = float('inf')
+        return s
+
+    def step(self, num_channels: int = 1, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+             ) -> List[Dict[str, Any]]:
+        """Remove up to ``num_channels`` channels, globally least important first.
+
+        ``reduce``: applied to the accumulated Fisher before deciding (e.g. a sum over DDP ranks),
+        so every rank takes the same decision. Costs are re-measured after each removal and the
+        accumulated Fisher is reset afterwards. Stops early at the target.
+        """
+        importance = self.fisher.accum.clone()
+        if reduce is not None:
+            importance = reduce(importance)
+        removed = []
+        for _ in range(int(num_channels)):
+            if self.reached():
+                break
+            scores = self.scores(importance)
+            order = torch.argsort(scores, stable=True)
+            chosen = None
+            for ch in order.tolist():
+                if not torch.isfinite(scores[ch]):
+                    break
+                if self._removable(ch):
+                    chosen = ch
+                    break
+            if chosen is None:
+                break
+            self.keep[chosen] = False
+            for a, cnt in self._members[chosen]:
+                self._alive_pos[a] -= cnt
+            g = self.graph.groups[self.graph.group_index(chosen)]
+            entry = {'step': self.steps, 'channel': chosen, 'group': g.name, 'index': chosen - g.offset,
+                     'score': float(scores[chosen]), 'fisher': float(importance[chosen])}
+            self.history.append(entry)
+            removed.append(entry)
+        self.steps += 1
+        self.consumers.set_keep(self.keep)
+        self.fisher.reset()
+        return removed
+
+    # ------------------------------------------------------------------ #
+    def channel_spec(self) -> Dict[str, Any]:
+        return make_spec(self.graph, self.keep)
+
+    def export(self) -> nn.Module:
+        """A compact copy of the model (the pruner's hooks are not copied)."""
+        attached = bool(self.consumers._handles)
+        self.detach()
+        try:
+            compact = copy.deepcopy(self.model)
+        finally:
+            if attached:
+                self.attach()
+        return shrink(compact, self.graph, self.keep)
+
+    def signature(self) -> Dict[str, Any]:
+        return {'num_channels': self.graph.num_channels,
+                'groups': [[g.name, g.size] for g in self.graph.groups]}
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Tensors and plain Python data only (loads under ``torch.load(weights_only=True)``)."""
+        return {
+            'keep': self.keep.clone(),
+            'importance': self.fisher.accum.clone(),
+            'samples': int(self.fisher.samples),
+            'steps': int(self.steps),
+            'history': [dict(h) for h in self.history],
+            'normalization': self.normalization,
+            'min_channels': self.min_channels,
+            'signature': self.signature(),
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        sig = state.get('signature')
+        mine = self.signature()
+        if sig != mine:
+            detail = ''
+            if sig is not None:
+                for a, b in zip(sig['groups'], mine['groups']):
+                    if a != b:
+                        detail = f': first mismatch at group {b[0]!r} ({b[1]} channels here, {a[0]!r} with ' \
+                                 f'{a[1]} in the state)'
+                        break
+                else:
+                    detail = f': {len(sig["groups"])} groups in the state, {len(mine["groups"])} here'
+            raise ValueError('pruning state does not belong to this architecture' + detail)
+        self.keep = state['keep'].clone().bool()
+        self.fisher.accum = state['importance'].clone().double()
+        self.fisher.samples = int(state['samples'])
+        self.steps = int(state['steps'])
+        self.history = [dict(h) for h in state['history']]
+        self._alive_pos = self._member_sizes.clone()
+        for ch in (~self.keep).nonzero().flatten().tolist():
+            for a, cnt in self._members[ch]:
+                self._alive_pos[a] -= cnt
+        self.consumers.set_keep(self.keep)
