@@ -106,20 +106,20 @@ class CouplingGraph:
                         parent[b] = first
 
         # order groups and their channels by first appearance
-        group_roots: Dict[int, List[int]] = {}
+        group_roots: Dict[int, Dict[int, None]] = {}   # ordered sets
         first_producer: Dict[int, str] = {}
         for name, roots in produced:
             for r in roots:
                 g = gfind(r)
-                lst = group_roots.setdefault(g, [])
-                if g not in first_producer:
+                if g not in group_roots:
+                    group_roots[g] = {}
                     first_producer[g] = name
-                if r not in lst:
-                    lst.append(r)
+                group_roots[g][r] = None
         chan_of_root: Dict[int, int] = {}
         offset = 0
         group_of_root: Dict[int, ChannelGroup] = {}
-        for i, (g, roots) in enumerate(group_roots.items()):
+        for i, (g, root_set) in enumerate(group_roots.items()):
+            roots = list(root_set)
             grp = ChannelGroup(index=i, name=first_producer[g], offset=offset, size=len(roots))
             for k, r in enumerate(roots):
                 chan_of_root[r] = offset + k

@@ -26,7 +26,7 @@ channel groups.
 from __future__ import annotations
 
 import math
-import time
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -184,10 +184,12 @@ _POINTWISE = {
     'isinf', 'isfinite', 'nan_to_num', 'lerp', 'addcmul', 'addcdiv', 'threshold', 'and', 'or',
     'invert', 'bitwise_and', 'bitwise_or', 'masked_fill', 'hardshrink', 'softshrink',
     'tanhshrink', 'logsigmoid', 'glu_never',
-    'contiguous', 'clone', 'detach', 'float', 'double', 'half', 'bfloat16', 'to', 'type',
-    'type_as', 'cpu', 'cuda', 'requires_grad', 'data', 'zeros_like', 'ones_like', 'full_like',
-    'empty_like', 'rand_like', 'randn_like', 'fill', 'zero', 'copy', 'pos', 'bool', 'long', 'int',
+    'fill', 'zero', 'copy', 'pos',
 }
+# same tensor, other dtype/device/storage; a second tensor argument only names the dtype/device
+_CAST = {'contiguous', 'clone', 'detach', 'float', 'double', 'half', 'bfloat16', 'to', 'type', 'type_as',
+         'cpu', 'cuda', 'requires_grad', 'data', 'zeros_like', 'ones_like', 'full_like', 'empty_like',
+         'rand_like', 'randn_like', 'bool', 'long', 'int'}
 # change only the non-channel dims (pooling, resampling, padding): label kept when dim sizes allow
 _CHANNELWISE = {
     'max_pool1d', 'max_pool2d', 'max_pool3d', 'avg_pool1d', 'avg_pool2d', 'avg_pool3d',
@@ -212,6 +214,10 @@ _INSPECT = {'size', 'dim', 'ndim', 'ndimension', 'numel', 'shape', 'dtype', 'dev
             'is_quantized', 'is_meta', 'untyped_storage', '_version', 'output_nr', 'retain_grad',
             'register_hook', 'new_zeros', 'new_ones', 'new_full', 'new_empty', 'new_tensor',
             'is_nested', 'itemsize', 'nbytes', 'is_mkldnn', 'is_sparse_csr', 'has_names', 'mT_never'}
+
+
+_FACTORY = {'new_empty', 'new_zeros', 'new_ones', 'new_full', 'empty', 'zeros', 'ones', 'full', 'empty_like',
+            'empty_strided'}
 
 
 def _fn_name(func: Callable) -> str:
@@ -299,7 +305,12 @@ class ChannelTracer:
         self.records: Dict[int, ModuleRecord] = {}
         self.order: List[int] = []               # ids of records in first-call order
         self.labels: Dict[int, Tuple[torch.Tensor, Label]] = {}
-        self.stack: List[Tuple[nn.Module, bool]] = []
+        # one frame per running module: [module, is_leaf, {id: tensor} of labelled direct tensor args not yet read]
+        self.stack: List[list] = []
+        self.produced: 'weakref.WeakValueDictionary[int, torch.Tensor]' = weakref.WeakValueDictionary()
+        # tensors made by a factory (new_empty, zeros...) that no visible op has written yet: a module
+        # returning one filled it with a compiled op
+        self.blank: 'weakref.WeakValueDictionary[int, torch.Tensor]' = weakref.WeakValueDictionary()
         self.ops_seen: Dict[str, int] = {}
         self.batch_size: Optional[int] = None   # leading dim of the first layer input
 
@@ -329,7 +340,7 @@ class ChannelTracer:
             self.sets.taint(lab.atoms.tolist(), reason)
 
     def where(self) -> str:
-        for m, _ in reversed(self.stack):
+        for m, *_ in reversed(self.stack):
             name = self.names.get(id(m))
             if name is not None:
                 return name
@@ -368,15 +379,30 @@ class ChannelTracer:
             return 'layernorm'
         return None
 
+    def mark_read(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Tensors a visible op or a child module reads: enclosing frames stop watching them."""
+        for frame in self.stack:
+            watch = frame[2]
+            if watch:
+                for t in tensors:
+                    watch.pop(id(t), None)
+
     def pre_hook(self, module: nn.Module, args: tuple) -> None:
-        self.stack.append((module, self.leaf_kind(module) is not None and not self.inside_leaf()))
+        self.mark_read(_flat_tensors(args, []))
+        is_leaf = self.leaf_kind(module) is not None and not self.inside_leaf()
+        watch = None
+        if not is_leaf and not self.inside_leaf():
+            watch = {id(t): t for t in args if isinstance(t, torch.Tensor) and self.label(t) is not None}
+        self.stack.append([module, is_leaf, watch])
 
     def post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        _, is_leaf = self.stack.pop()
+        _, is_leaf, watch = self.stack.pop()
         if not is_leaf:
+            if not self.inside_leaf():
+                self.check_visible(module, args, output, watch)
             return
         kind = self.leaf_kind(module)
-        self.stack.append((module, True))  # names in messages point at this module
+        self.stack.append([module, True, None])  # names in messages point at this module
         try:
             if kind == 'handler':
                 h = handler_for(module)
@@ -392,6 +418,26 @@ class ChannelTracer:
                 self.trace_layernorm(module, args, output)
         finally:
             self.stack.pop()
+        for o in _flat_tensors(output, []):
+            self.produced[id(o)] = o
+
+    def check_visible(self, module: nn.Module, args: tuple, output: Any, watch: Optional[dict]) -> None:
+        """Catch compiled ops: outputs no visible op produced, or labelled inputs nothing visible read."""
+        ins = _flat_tensors(args, [])
+        in_ids = {id(t) for t in ins}
+        outs = _flat_tensors(output, [])
+        hidden = [o for o in outs if id(o) not in in_ids and
+                  (self.produced.get(id(o)) is not o or self.blank.get(id(o)) is o)]
+        unread = [t for t in (watch or {}).values() if all(t is not o for o in outs)]
+        if not hidden and not unread:
+            return
+        name = self.names.get(id(module), type(module).__name__)
+        reason = f'{name} ({type(module).__name__}): compiled op, not visible as torch functions'
+        for t in (ins if hidden else unread):
+            self.taint(self.label(t), reason)
+        for o in hidden:
+            self.set_label(o, None)
+            self.produced[id(o)] = o
 
     def input_atoms(self, rec: ModuleRecord, role: str, x: Any, dim: int, n: int) -> torch.Tensor:
         """Union the atoms of ``x`` at ``dim`` into ``rec.arrays[role]``; taint untraced input."""
@@ -463,6 +509,15 @@ class ChannelTracer:
         raw = _fn_name(func)
         name, inplace = _normalise(raw)
         tensors = _flat_tensors(args, []) + _flat_tensors(kwargs, [])
+        for o in _flat_tensors(out, []):
+            self.produced[id(o)] = o
+        if name in _FACTORY and isinstance(out, torch.Tensor):
+            self.blank[id(out)] = out
+        elif (inplace or 'out' in kwargs) and tensors:
+            for t in (tensors[:1] + _flat_tensors(kwargs.get('out'), [])):
+                self.blank.pop(id(t), None)
+        if name not in _INSPECT:
+            self.mark_read(tensors)
         labelled = [(t, self.label(t)) for t in tensors]
         labelled = [(t, lab) for t, lab in labelled if lab is not None]
         if not labelled:
@@ -483,6 +538,8 @@ class ChannelTracer:
             return self.rule_inspect
         if name in _POINTWISE:
             return self.rule_pointwise
+        if name in _CAST:
+            return self.rule_cast
         if name in _CHANNELWISE:
             return self.rule_channelwise
         if name in _RESHAPE:
@@ -509,6 +566,11 @@ class ChannelTracer:
     def rule_inspect(self, name, inplace, args, kwargs, out, labelled, where):
         if isinstance(out, torch.Tensor) and name in ('data',):
             self.set_label(out, labelled[0][1])
+
+    def rule_cast(self, name, inplace, args, kwargs, out, labelled, where):
+        lab = self.label(args[0]) if args else None
+        if lab is not None and isinstance(out, torch.Tensor) and out.shape == args[0].shape:
+            self.set_label(out, lab)
 
     def rule_pointwise(self, name, inplace, args, kwargs, out, labelled, where):
         outs = _flat_tensors(out, [])
@@ -588,7 +650,9 @@ class ChannelTracer:
         return None
 
     def rule_reshape(self, name, inplace, args, kwargs, out, labelled, where):
-        t, lab = labelled[0]
+        t, lab = args[0], self.label(args[0])
+        if lab is None:
+            return
         if not isinstance(out, torch.Tensor):
             return self.rule_unknown(name, inplace, args, kwargs, out, labelled, where)
         new = self._reshape_label(lab, list(t.shape), list(out.shape))
@@ -624,9 +688,9 @@ class ChannelTracer:
         self.set_label(out, Label(newdim, lab.atoms))
 
     def rule_expand(self, name, inplace, args, kwargs, out, labelled, where):
-        t, lab = labelled[0]
-        if t is not args[0]:
-            return self.rule_unknown(name, inplace, args, kwargs, out, labelled, where)
+        t, lab = args[0], self.label(args[0])
+        if lab is None:
+            return
         shift = out.dim() - t.dim()
         if out.shape[lab.dim + shift] != t.shape[lab.dim]:
             self.taint(lab, f'{where}: {name} repeats channels')

@@ -1,0 +1,1 @@
+"""Compatibility with the installed stack (see each module)."""

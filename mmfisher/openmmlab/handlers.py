@@ -1,0 +1,48 @@
+"""Module handlers for OpenMMLab parts whose forward the tracer cannot see.
+
+mmdet's RoI extractors pool every FPN level with a compiled op (mmcv RoIAlign)
+into a tensor they allocate with ``self.out_channels`` channels. The handler
+tells the analysis that the extractor passes channels through (all levels share
+the output's channels, so they are coupled) and updates ``out_channels`` when the
+model is shrunk. Registered when :mod:`mmfisher.openmmlab` is imported.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict
+
+import torch
+
+from ..core.trace import ChannelTracer, Label, ModuleHandler, ModuleRecord, _flat_tensors, register_module_handler
+
+
+class RoIExtractorHandler(ModuleHandler):
+    """``roi_feats[r, c] = pool(feats[level(r)][batch(r), c])``: channel-wise over all levels."""
+
+    kind = 'roi_extractor'
+
+    def trace(self, tracer: ChannelTracer, rec: ModuleRecord, args: tuple, output: Any) -> None:
+        feats = _flat_tensors(args[0], [])
+        n = rec.module.out_channels
+        atoms = tracer.atoms_of(rec, 'feat', n)
+        for f in feats:
+            tracer.input_atoms(rec, 'feat', f, 1, n)
+        out = output if isinstance(output, torch.Tensor) else None
+        if out is not None and out.dim() >= 2 and out.shape[1] == n:
+            rec.calls.append(tracer_call(out))
+            tracer.set_label(out, Label(1, atoms))
+
+    def shrink(self, module, keep: Dict[str, torch.Tensor]) -> None:
+        module.out_channels = int(keep['feat'].numel())
+
+
+def tracer_call(out: torch.Tensor):
+    from ..core.trace import Call
+    return Call(out.numel() // out.shape[1], tuple(out.shape), tuple(out.shape))
+
+
+def register_openmmlab_handlers() -> None:
+    try:
+        from mmdet.models.roi_heads.roi_extractors import BaseRoIExtractor
+    except ImportError:  # mmdet not installed: nothing to register
+        return
+    register_module_handler(BaseRoIExtractor, RoIExtractorHandler())

@@ -1,0 +1,60 @@
+"""Shared helpers for the specification tests (no download, random init)."""
+import copy
+import os
+
+import torch
+import torch.nn as nn
+
+from mmfisher.core import ConsumerInputs, analyse, shrink
+from mmfisher.core.trace import _flat_tensors
+
+
+def config_path(package: str, rel: str) -> str:
+    mod = __import__(package)
+    return os.path.join(os.path.dirname(mod.__file__), '.mim', 'configs', rel)
+
+
+def randomise_norms(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial norm parameters and statistics, so removed channels would show."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) and m.weight is not None:
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+                if getattr(m, 'running_mean', None) is not None:
+                    m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.4 - 0.2)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def random_keep(graph, fraction: float = 0.5, seed: int = 0) -> torch.Tensor:
+    """Keep a random ``fraction`` (at least one) of the channels of every prunable group."""
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.ones(graph.num_channels, dtype=torch.bool)
+    for grp in graph.groups:
+        if grp.prunable:
+            k = max(1, int(grp.size * fraction))
+            sub = torch.zeros(grp.size, dtype=torch.bool)
+            sub[torch.randperm(grp.size, generator=g)[:k]] = True
+            keep[grp.offset:grp.offset + grp.size] = sub
+    return keep
+
+
+def masked_and_shrunk(model, graph, keep, run):
+    """Outputs of ``run(model)`` with masks installed and ``run(compact)``; returns (ref, out, compact)."""
+    model.eval()
+    masks = ConsumerInputs(model, graph)
+    masks.set_keep(keep)
+    masks.attach()
+    with torch.no_grad():
+        ref = _flat_tensors(run(model), [], -8)
+    masks.detach()
+    compact = shrink(copy.deepcopy(model), graph, keep)
+    with torch.no_grad():
+        out = _flat_tensors(run(compact), [], -8)
+    return ref, out, compact
+
+
+def max_rel_err(ref, out) -> float:
+    assert len(ref) == len(out) and ref
+    return max(float((a - b).abs().max() / (a.abs().max() + 1e-6)) for a, b in zip(ref, out))

@@ -1,0 +1,229 @@
+"""What the coupling analysis must find: the groups named below are the specification."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from helpers import config_path
+from mmfisher.core import analyse
+
+
+# --------------------------------------------------------------------------- #
+# real architectures (random init, small input)
+# --------------------------------------------------------------------------- #
+@pytest.fixture(scope='module')
+def retinanet_graph():
+    from mmfisher.openmmlab import analyse_model, build_from_config
+    model = build_from_config(config_path('mmdet', 'retinanet/retinanet_r50_fpn_1x_coco.py'))
+    return model, analyse_model(model, (1, 3, 128, 128))
+
+
+def test_resnet_stage_is_one_residual_stream(retinanet_graph):
+    _, g = retinanet_graph
+    stream = g.group('backbone.layer1.0.conv3')
+    assert stream.prunable
+    assert stream.producers == ['backbone.layer1.0.conv3', 'backbone.layer1.0.downsample.0',
+                                'backbone.layer1.1.conv3', 'backbone.layer1.2.conv3']
+    assert stream.consumers == ['backbone.layer1.1.conv1', 'backbone.layer1.2.conv1',
+                                'backbone.layer2.0.conv1', 'backbone.layer2.0.downsample.0']
+    assert stream.norms == ['backbone.layer1.0.bn3', 'backbone.layer1.0.downsample.1',
+                            'backbone.layer1.1.bn3', 'backbone.layer1.2.bn3']
+    assert stream.size == 256
+    # inside a bottleneck: conv1 -> bn1 -> conv2 is its own group
+    inner = g.group('backbone.layer1.0.conv1')
+    assert inner.producers == ['backbone.layer1.0.conv1'] and inner.consumers == ['backbone.layer1.0.conv2']
+    assert inner.norms == ['backbone.layer1.0.bn1']
+
+
+def test_frozen_stem_and_eval_norms_are_not_hidden(retinanet_graph):
+    model, g = retinanet_graph
+    assert model.backbone.frozen_stages == 1 and model.backbone.norm_eval
+    assert not any(p.requires_grad for p in model.backbone.conv1.parameters())
+    stem = g.group('backbone.conv1')
+    assert stem.prunable and stem.norms == ['backbone.bn1']
+    assert stem.consumers == ['backbone.layer1.0.conv1', 'backbone.layer1.0.downsample.0']
+
+
+def test_fpn_top_down_adds_couple_lateral_convs(retinanet_graph):
+    _, g = retinanet_graph
+    lateral = g.group('neck.lateral_convs.0.conv')
+    assert lateral.producers == ['neck.lateral_convs.0.conv', 'neck.lateral_convs.1.conv',
+                                 'neck.lateral_convs.2.conv']
+    assert lateral.consumers == ['neck.fpn_convs.0.conv', 'neck.fpn_convs.1.conv', 'neck.fpn_convs.2.conv']
+
+
+def test_shared_head_couples_every_fpn_output(retinanet_graph):
+    _, g = retinanet_graph
+    out = g.group('neck.fpn_convs.0.conv')
+    assert out.producers == [f'neck.fpn_convs.{i}.conv' for i in range(5)]
+    assert 'bbox_head.cls_convs.0.conv' in out.consumers and 'bbox_head.reg_convs.0.conv' in out.consumers
+    # the head is one module called once per level; its calls are all recorded
+    assert len(g.records['bbox_head.cls_convs.0.conv'].calls) == 5
+
+
+def test_final_outputs_are_unprunable_and_reported(retinanet_graph):
+    _, g = retinanet_graph
+    for name in ('bbox_head.retina_cls', 'bbox_head.retina_reg'):
+        grp = g.group(name)
+        assert not grp.prunable and 'model output' in grp.reasons
+    assert 'NOT prunable: model output' in g.report()
+    s = g.summary()
+    assert s['prunable_groups'] == 47 and s['groups'] == 49
+
+
+def test_group_conv_prunes_whole_groups():
+    from mmfisher.openmmlab import analyse_model, build_from_config
+    model = build_from_config(config_path('mmpretrain', 'resnext/resnext50-32x4d_8xb32_in1k.py'))
+    g = analyse_model(model, (1, 3, 64, 64))
+    conv2 = model.backbone.layer1[0].conv2
+    assert conv2.groups == 32 and conv2.in_channels == 128
+    grp = g.groups_of('backbone.layer1.0.conv2')[0]
+    # one channel of the group = one conv group: 4 outputs of conv1 and 4 of conv2
+    assert grp.size == 32 and grp.positions_per_channel == 4
+    assert grp.producers == ['backbone.layer1.0.conv1', 'backbone.layer1.0.conv2']
+    chan = g.arrays[('backbone.layer1.0.conv2', 'out')].channel
+    assert torch.equal(chan.view(32, 4), (grp.offset + torch.arange(32)).view(32, 1).expand(32, 4))
+
+
+def test_depthwise_conv_couples_input_and_output():
+    from mmfisher.openmmlab import analyse_model, build_from_config
+    model = build_from_config(config_path('mmpretrain', 'mobilenet_v2/mobilenet-v2_8xb32_in1k.py'))
+    g = analyse_model(model, (1, 3, 64, 64))
+    grp = g.group('backbone.layer2.0.conv.0.conv')      # expand 1x1 -> depthwise 3x3 -> project
+    assert grp.producers == ['backbone.layer2.0.conv.0.conv', 'backbone.layer2.0.conv.1.conv']
+    assert grp.consumers == ['backbone.layer2.0.conv.1.conv', 'backbone.layer2.0.conv.2.conv']
+    assert grp.prunable and grp.size == 96
+
+
+def test_groupnorm_removes_whole_gn_groups():
+    from mmfisher.openmmlab import analyse_model, build_from_config
+    model = build_from_config(config_path('mmdet', 'fcos/fcos_r50-caffe_fpn_gn-head_1x_coco.py'))
+    g = analyse_model(model, (1, 3, 128, 128))
+    grp = g.group('bbox_head.cls_convs.0.conv')
+    assert model.bbox_head.cls_convs[0].gn.num_groups == 32
+    assert grp.size == 32 and grp.positions_per_channel == 8 and grp.norms == ['bbox_head.cls_convs.0.gn']
+
+
+def test_roi_head_flattens_fpn_channels_into_fc_blocks():
+    from mmfisher.openmmlab import analyse_model, build_from_config
+    model = build_from_config(config_path('mmdet', 'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'))
+    g = analyse_model(model, (1, 3, 128, 128))
+    fpn = g.group('neck.fpn_convs.0.conv')
+    assert fpn.prunable
+    assert fpn.consumers == ['rpn_head.rpn_conv', 'roi_head.bbox_head.shared_fcs.0']
+    chan = g.arrays[('roi_head.bbox_head.shared_fcs.0', 'in')].channel
+    assert chan.numel() == 256 * 7 * 7
+    # channel c of the FPN owns inputs c*49 .. c*49+48 of the first FC layer
+    assert torch.equal(chan.view(256, 49), (fpn.offset + torch.arange(256)).view(256, 1).expand(256, 49))
+
+
+def test_csp_concat_keeps_branches_separate():
+    from mmfisher.openmmlab import analyse_model, build_from_config
+    model = build_from_config(config_path('mmdet', 'yolox/yolox_s_8xb8-300e_coco.py'))
+    g = analyse_model(model, (1, 3, 128, 128))
+    short = g.group('backbone.stage1.1.short_conv.conv')
+    main = g.group('backbone.stage1.1.main_conv.conv')
+    assert short is not main and short.prunable and main.prunable
+    assert 'backbone.stage1.1.final_conv.conv' in short.consumers
+    assert 'backbone.stage1.1.final_conv.conv' in main.consumers
+    # final_conv's input is [main, short]: its positions map to both groups in order
+    chan = g.arrays[('backbone.stage1.1.final_conv.conv', 'in')].channel
+    assert torch.equal(chan, torch.cat([main.offset + torch.arange(32), short.offset + torch.arange(32)]))
+
+
+# --------------------------------------------------------------------------- #
+# small models: each operation's rule
+# --------------------------------------------------------------------------- #
+class Two(nn.Module):
+    def __init__(self, body):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 1)
+        self.body = body
+        self.out = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.out(self.body(self.b(F.relu(self.a(x)))))
+
+
+def _reasons(body, x=None):
+    model = Two(body)
+    g = analyse(model, x if x is not None else torch.randn(2, 3, 8, 8))
+    return g.group('b')
+
+
+class Lambda(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x):
+        return self.fn(x)
+
+
+@pytest.mark.parametrize('fn,needle', [
+    (lambda x: x.view(x.shape[0], 2, 4, *x.shape[2:]).transpose(1, 2).reshape(x.shape), 'reshape'),
+    (lambda x: x.softmax(dim=1), 'softmax over channels'),
+    (lambda x: x * x.mean(dim=1, keepdim=True), 'mean over channels'),
+    (lambda x: x[:, :4].repeat(1, 2, 1, 1), 'slices channels'),
+    (lambda x: torch.cat(torch.split(x, [3, 5], 1)[::-1], 1), 'fixed sizes'),
+    # spatial self-attention: softmax(q^T k) mixes channels through the matmul
+    (lambda x: (x.flatten(2) @ (x.flatten(2).transpose(1, 2) @ x.flatten(2)).softmax(-1)).view_as(x), 'matmul'),
+    (lambda x: x + torch.arange(8.).view(1, 8, 1, 1), 'fixed-size tensor'),
+])
+def test_channel_mixing_makes_group_unprunable(fn, needle):
+    grp = _reasons(Lambda(fn))
+    assert not grp.prunable
+    assert any(needle in r for r in grp.reasons), grp.reasons
+
+
+def test_layernorm_over_channels_is_unprunable():
+    body = Lambda(lambda x: x)
+    model = Two(body)
+    model.body = nn.Sequential(Lambda(lambda x: x.permute(0, 2, 3, 1)), nn.LayerNorm(8),
+                               Lambda(lambda x: x.permute(0, 3, 1, 2)))
+    g = analyse(model, torch.randn(1, 3, 8, 8))
+    assert any('LayerNorm' in r for r in g.group('b').reasons)
+
+
+def test_compiled_op_is_reported_not_mis_pruned():
+    from mmcv.ops import ModulatedDeformConv2dPack
+    grp = _reasons(ModulatedDeformConv2dPack(8, 8, 3, padding=1))
+    assert not grp.prunable
+    assert any('compiled op' in r for r in grp.reasons), grp.reasons
+
+
+def test_chunk_ties_the_kth_channel_of_every_part():
+    class Gate(nn.Module):
+        def forward(self, x):
+            a, b = x.chunk(2, dim=1)
+            return torch.cat([a * torch.sigmoid(b), a], 1)
+
+    model = Two(nn.Sequential(Gate()))
+    model.out = nn.Conv2d(8, 4, 1)
+    g = analyse(model, torch.randn(1, 3, 8, 8))
+    grp = g.group('b')
+    assert grp.prunable and grp.size == 4 and grp.positions_per_channel == 2
+
+
+def test_pointwise_chain_and_pooling_keep_channels():
+    body = Lambda(lambda x: F.interpolate(F.max_pool2d(torch.sigmoid(x) * 2 + 1, 2), scale_factor=2.0))
+    grp = _reasons(body)
+    assert grp.prunable and grp.consumers == ['out']
+
+
+def test_syncbn_is_per_channel():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.SyncBatchNorm(8), nn.ReLU(), nn.Conv2d(8, 2, 1))
+    g = analyse(model, torch.randn(1, 3, 8, 8))
+    grp = g.group('0')
+    assert grp.prunable and grp.norms == ['1'] and grp.consumers == ['3']
+
+
+def test_analysis_restores_training_flags_and_leaves_weights_alone():
+    model = Two(nn.BatchNorm2d(8))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    analyse(model, torch.randn(2, 3, 8, 8))
+    assert all(m.training for m in model.modules())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
