@@ -227,3 +227,19 @@ def test_analysis_restores_training_flags_and_leaves_weights_alone():
     assert all(m.training for m in model.modules())
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_without_its_handler_an_roi_extractor_makes_the_fpn_unprunable():
+    """The safety net: mmcv RoIAlign is a compiled op; unhandled, it must taint what it reads."""
+    from mmfisher.core import trace
+    from mmfisher.openmmlab import analyse_model, build_from_config
+    model = build_from_config(config_path('mmdet', 'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'))
+    saved = list(trace._HANDLERS)
+    trace._HANDLERS.clear()
+    try:
+        g = analyse_model(model, (1, 3, 96, 96))
+    finally:
+        trace._HANDLERS[:] = saved
+    fpn = g.group('neck.fpn_convs.0.conv')
+    assert not fpn.prunable
+    assert any('compiled op' in r for r in fpn.reasons), fpn.reasons

@@ -15,7 +15,10 @@ squares it into ``s`` and is called once per backward.
 dL/dA~ is taken with a tensor hook on a per-call alias of the consumer's input,
 so a tensor read by several layers gives each layer its own gradient. No module
 backward hook is used. Inputs that do not require grad (frozen stages) get a
-detached leaf that does, so frozen layers are scored too.
+detached leaf that does, so frozen layers are scored too. That costs a backward
+pass through the frozen layers; ``frozen_every=k`` scores them on every k-th
+backward pass only, their contributions scaled by sqrt(k) so that the expected
+squared sum stays the same.
 """
 from __future__ import annotations
 
@@ -30,7 +33,11 @@ from .masks import Consumer, ConsumerInputs
 class FisherImportance:
     """Accumulates ``s`` (``[num_channels]`` float64) from the consumers' inputs and gradients."""
 
-    def __init__(self, consumers: ConsumerInputs) -> None:
+    def __init__(self, consumers: ConsumerInputs, frozen_every: int = 1) -> None:
+        if int(frozen_every) < 1:
+            raise ValueError(f'frozen_every={frozen_every} must be at least 1')
+        self.frozen_every = int(frozen_every)
+        self.passes = 0          # backward passes folded in so far
         self.num_channels = consumers.num_channels
         self.accum = torch.zeros(self.num_channels, dtype=torch.float64)
         self.samples = 0
@@ -44,17 +51,26 @@ class FisherImportance:
         """Called by the consumer's pre-hook with its (masked) input; returns what the layer reads."""
         if not (self.enabled and torch.is_grad_enabled()):
             return x
-        x = x.view_as(x) if x.requires_grad else x.detach().requires_grad_()
+        scale = 1.0
+        if x.requires_grad:
+            x = x.view_as(x)
+        elif self.passes % self.frozen_every == 0:
+            x = x.detach().requires_grad_()
+            scale = self.frozen_every ** 0.5
+        else:
+            return x
         key = self._next_key
         self._next_key += 1
         self._pending[key] = x
-        x.register_hook(lambda g, c=c, key=key: self._on_grad(c, key, g))
+        x.register_hook(lambda g, c=c, key=key, scale=scale: self._on_grad(c, key, g, scale))
         return x
 
-    def _on_grad(self, c: Consumer, key: int, g: torch.Tensor) -> None:
+    def _on_grad(self, c: Consumer, key: int, g: torch.Tensor, scale: float = 1.0) -> None:
         x = self._pending.pop(key, None)
         if x is None:
             return
+        if scale != 1.0:
+            g = g * scale
         with torch.no_grad():
             if c.dim == 1:
                 prod = x * g
@@ -76,6 +92,7 @@ class FisherImportance:
     def accumulate(self) -> None:
         """Square the per-sample sums of the last backward pass into ``accum``."""
         self._pending.clear()
+        self.passes += 1
         for (n, _), buf in self._buffers.items():
             sq = buf[:, :-1].double().pow(2).sum(0).cpu()
             bad = ~torch.isfinite(sq)

@@ -45,16 +45,19 @@ class GroupFisherPruner:
         graph: :func:`mmfisher.core.analyse` result.
         normalization: 'memory' (default, the paper's -M), 'flops' (-F) or 'none' (-U).
         min_channels: no layer keeps fewer channels than this.
-        internal_only: prune only groups with one producer (the paper's -I: no residual
-            streams, FPN outputs or other cross-layer groups).
+        internal_only: prune only groups written by one layer (depthwise convs that read and
+            write the group aside): the paper's -I, no residual streams, FPN outputs or other
+            cross-layer groups.
         exclude: module names (prefix match) whose groups are never pruned.
         target: ``(resource, ratio)``, e.g. ``('flops', 0.5)``: :meth:`reached` turns true when
             the resource falls to ``ratio`` of the original; checked for reachability here.
+        frozen_every: score layers whose input does not require grad (frozen stages) on every
+            k-th backward pass only (see :mod:`mmfisher.core.importance`); 1 = exact.
     """
 
     def __init__(self, model: nn.Module, graph: CouplingGraph, *, normalization: str = 'memory',
                  min_channels: int = 1, internal_only: bool = False, exclude: Sequence[str] = (),
-                 target: Optional[Sequence[Any]] = None) -> None:
+                 target: Optional[Sequence[Any]] = None, frozen_every: int = 1) -> None:
         if normalization not in NORMALIZATIONS:
             raise ValueError(f'normalization={normalization!r} is not one of {NORMALIZATIONS}')
         if int(min_channels) < 1:
@@ -64,7 +67,7 @@ class GroupFisherPruner:
         self.normalization = normalization
         self.min_channels = int(min_channels)
         self.consumers = ConsumerInputs(model, graph)
-        self.fisher = FisherImportance(self.consumers)
+        self.fisher = FisherImportance(self.consumers, frozen_every)
         self.cost = CostModel(model, graph)
         U = graph.num_channels
         self.keep = torch.ones(U, dtype=torch.bool)
@@ -79,7 +82,9 @@ class GroupFisherPruner:
     def _candidates(self, internal_only: bool, exclude: Sequence[str]) -> torch.Tensor:
         cand = self.graph.prunable.clone()
         for g in self.graph.groups:
-            drop = (internal_only and len(g.producers) > 1) or any(
+            # a depthwise conv reads and writes the same group: it does not make the group cross-layer
+            sources = [p for p in g.producers if p not in g.consumers]
+            drop = (internal_only and len(sources) > 1) or any(
                 m.startswith(p) for p in exclude for m in g.producers + g.consumers + g.norms)
             if drop:
                 cand[g.offset:g.offset + g.size] = False
@@ -225,6 +230,7 @@ class GroupFisherPruner:
             'keep': self.keep.clone(),
             'importance': self.fisher.accum.clone(),
             'samples': int(self.fisher.samples),
+            'passes': int(self.fisher.passes),
             'steps': int(self.steps),
             'history': [dict(h) for h in self.history],
             'normalization': self.normalization,
@@ -249,6 +255,7 @@ class GroupFisherPruner:
         self.keep = state['keep'].clone().bool()
         self.fisher.accum = state['importance'].clone().double()
         self.fisher.samples = int(state['samples'])
+        self.fisher.passes = int(state['passes'])
         self.steps = int(state['steps'])
         self.history = [dict(h) for h in state['history']]
         self._alive_pos = self._member_sizes.clone()

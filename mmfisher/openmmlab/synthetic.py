@@ -1,0 +1,63 @@
+"""Generated batches for detectors and classifiers (tools, benchmarks and tests; nothing downloaded).
+
+The batches are what a data preprocessor would hand the model: a normalised
+``[N, 3, H, W]`` tensor and data samples with random ground truth.
+"""
+from __future__ import annotations
+
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+
+def _num_classes(model: nn.Module, default: int = 80) -> int:
+    for name in ('bbox_head', 'head', 'roi_head'):
+        head = getattr(model, name, None)
+        if head is None:
+            continue
+        sub = getattr(head, 'bbox_head', head)
+        n = getattr(sub, 'num_classes', None)
+        if isinstance(n, int):
+            return n
+    return default
+
+
+def random_batch(model: nn.Module, batch: int = 2, shape: Sequence[int] = (320, 320),
+                 seed: int = 0, max_objects: int = 4) -> Tuple[torch.Tensor, List]:
+    """``(inputs, data_samples)`` for ``model.loss`` / ``model.train_step``-free training loops."""
+    g = torch.Generator().manual_seed(seed)
+    h, w = int(shape[0]), int(shape[1])
+    inputs = torch.randn(batch, 3, h, w, generator=g)
+    n_cls = _num_classes(model)
+    try:
+        from mmdet.models.detectors import BaseDetector
+        is_det = isinstance(model, BaseDetector)
+    except ImportError:  # pragma: no cover
+        is_det = False
+    samples = []
+    if is_det:
+        from mmdet.structures import DetDataSample
+        from mmengine.structures import InstanceData
+        for _ in range(batch):
+            k = int(torch.randint(1, max_objects + 1, (1,), generator=g))
+            xy = torch.rand(k, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
+            wh = (torch.rand(k, 2, generator=g) * 0.5 + 0.1) * torch.tensor([w, h])
+            boxes = torch.cat([xy, torch.minimum(xy + wh, torch.tensor([w - 1.0, h - 1.0]))], 1)
+            s = DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
+                                            batch_input_shape=(h, w), scale_factor=(1.0, 1.0)))
+            s.gt_instances = InstanceData(bboxes=boxes, labels=torch.randint(0, n_cls, (k,), generator=g))
+            samples.append(s)
+    else:
+        from mmpretrain.structures import DataSample
+        for _ in range(batch):
+            samples.append(DataSample().set_gt_label(int(torch.randint(0, n_cls if n_cls else 1000, (1,),
+                                                                       generator=g))))
+    return inputs, samples
+
+
+def loss_of(model: nn.Module, inputs: torch.Tensor, samples: List) -> torch.Tensor:
+    """The summed training loss, as mmengine's ``parse_losses`` computes it."""
+    losses = model.loss(inputs, samples)
+    total, _ = model.parse_losses(losses)
+    return total

@@ -1,0 +1,161 @@
+"""Pruning decisions, costs, stop criteria and the pruner's state."""
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mmfisher.core import analyse
+from mmfisher.core.cost import CostModel
+from mmfisher.core.pruner import GroupFisherPruner, TargetUnreachableError
+
+
+class ResNetish(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.c1 = nn.Conv2d(8, 6, 1)
+        self.dw = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.c2 = nn.Conv2d(6, 8, 1)
+        self.c3 = nn.Conv2d(8, 8, 1)
+        self.gconv = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2)
+        self.gn = nn.GroupNorm(2, 8)
+        self.head = nn.Conv2d(8, 3, 1)
+
+    def forward(self, x):
+        s = F.relu(self.bn(self.stem(x)))
+        s = s + self.c2(F.relu(self.dw(F.relu(self.c1(s)))))
+        return self.head(F.relu(self.gn(self.gconv(F.relu(self.c3(s))))))
+
+
+def make(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = ResNetish()
+    graph = analyse(model, torch.randn(1, 3, 16, 16))
+    return model, graph, GroupFisherPruner(model, graph, **kw).attach()
+
+
+def train(model, pruner, iters, interval=2, per_step=1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    for it in range(iters):
+        x = torch.randn(2, 3, 16, 16, generator=g)
+        loss = model(x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        pruner.accumulate()
+        if (it + 1) % interval == 0 and not pruner.reached():
+            pruner.step(per_step)
+
+
+def test_costs_match_the_compact_model():
+    model, graph, pruner = make()
+    train(model, pruner, 10, per_step=2)
+    assert len(pruner.history) == 10
+    compact = pruner.export()
+    c_graph = analyse(compact, torch.randn(1, 3, 16, 16))
+    now = pruner.cost.totals(pruner.keep)
+    measured = CostModel(compact, c_graph).original
+    for k in ('flops', 'memory', 'params'):
+        assert now[k] == pytest.approx(measured[k]), k
+    assert measured['params'] == sum(p.numel() for p in compact.parameters())
+
+
+def test_flops_and_memory_by_hand():
+    model, graph, pruner = make()
+    hw, hw2 = 16 * 16, 8 * 8
+    flops = (hw * 9 * 3 * 8 + hw * 8 * 6 + hw * 9 * 6 + hw * 6 * 8 + hw * 8 * 8 + hw2 * 9 * 4 * 8 + hw2 * 8 * 3)
+    memory = hw * (8 + 6 + 6 + 8 + 8) + hw2 * (8 + 3)
+    assert pruner.cost.original['flops'] == flops
+    assert pruner.cost.original['memory'] == memory
+    # memory saved by one channel of the stream: one map per producing layer (stem, c2)
+    stream = graph.group('stem')
+    assert pruner.cost.saving('memory', pruner.keep)[stream.offset] == 2 * hw
+
+
+def test_decision_is_the_global_argmin_of_normalised_fisher():
+    model, graph, pruner = make(normalization='flops')
+    pruner.fisher.accum = torch.rand(graph.num_channels, dtype=torch.float64) + 1
+    c1 = graph.group('c1')
+    pruner.fisher.accum[c1.offset + 3] = 1e-9
+    removed = pruner.step()
+    assert [(r['group'], r['index']) for r in removed] == [('c1', 3)]
+    assert not pruner.keep[c1.offset + 3]
+    assert float(pruner.fisher.accum.sum()) == 0  # reset after a step
+    # with a reduce (e.g. a DDP all-reduce) the reduced importance decides
+    target = graph.group('stem').offset + 5
+    pruner.fisher.accum = torch.ones(graph.num_channels, dtype=torch.float64)
+
+    def reduce(imp):
+        imp = imp.clone()
+        imp[target] = 0
+        return imp
+    assert pruner.step(reduce=reduce)[0]['channel'] == target
+
+
+def test_never_empties_a_layer_and_respects_min_channels():
+    for min_channels in (1, 2):
+        model, graph, pruner = make(min_channels=min_channels)
+        pruner.fisher.accum = torch.rand(graph.num_channels, dtype=torch.float64)
+        pruner.step(10_000)
+        compact = pruner.export()
+        for m in compact.modules():
+            if isinstance(m, nn.Conv2d):
+                assert m.out_channels >= min(min_channels, 3) and m.in_channels >= 1
+        assert compact.c1.out_channels == min_channels
+        assert compact(torch.randn(1, 3, 16, 16)).shape == (1, 3, 8, 8)
+
+
+def test_target_stops_pruning_and_unreachable_target_is_refused():
+    model, graph, pruner = make(target=('flops', 0.6))
+    train(model, pruner, 200, per_step=1)
+    assert pruner.reached()
+    r = pruner.ratios()['flops']
+    assert r <= 0.6
+    assert r > 0.6 - 0.15   # stopped at the target, not at the floor
+    with pytest.raises(TargetUnreachableError, match='cannot fall to 0.010'):
+        make(target=('flops', 0.01))
+    with pytest.raises(ValueError, match=r'must be in \(0, 1\)'):
+        make(target=('params', 1.5))
+    with pytest.raises(ValueError, match='not one of'):
+        make(target=('latency', 0.5))
+    with pytest.raises(ValueError, match='normalization'):
+        make(normalization='fisher')
+
+
+def test_internal_only_keeps_cross_layer_groups():
+    model, graph, pruner = make(internal_only=True)
+    stream = graph.group('stem')
+    assert len(stream.producers) == 2
+    assert not pruner.candidates[stream.offset:stream.offset + stream.size].any()
+    assert pruner.candidates[graph.group('c1').offset]
+
+
+def test_state_dict_round_trips_and_resumes_identically():
+    model, graph, pruner = make(seed=3)
+    train(model, pruner, 9, per_step=1, seed=5)
+    buf = io.BytesIO()
+    torch.save(pruner.state_dict(), buf)
+    buf.seek(0)
+    state = torch.load(buf, weights_only=True)   # plain tensors and Python data only
+    model2, graph2, pruner2 = make(seed=3)
+    model2.load_state_dict(model.state_dict())
+    pruner2.load_state_dict(state)
+    s1, s2 = pruner.state_dict(), pruner2.state_dict()
+    assert torch.equal(s1['keep'], s2['keep']) and torch.equal(s1['importance'], s2['importance'])
+    assert s1['history'] == s2['history'] and s1['steps'] == s2['steps']
+    pruner.fisher.accum += 1
+    pruner2.fisher.accum += 1
+    assert pruner.step(3) == pruner2.step(3)
+
+
+def test_state_of_another_architecture_is_refused():
+    _, _, pruner = make()
+    state = pruner.state_dict()
+    other = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 2, 1))
+    p2 = GroupFisherPruner(other, analyse(other, torch.randn(1, 3, 8, 8)))
+    with pytest.raises(ValueError, match='does not belong to this architecture'):
+        p2.load_state_dict(state)
