@@ -1,0 +1,299 @@
+"""mmengine hooks: Group Fisher pruning during a normal training run, and safe checkpoints.
+
+``custom_hooks = [dict(type='FisherPruningHook', interval=10, target=('flops', 0.5))]``
+in an mmdet / mmpretrain config (with ``custom_imports = dict(imports=['mmfisher'])``
+or mmfisher's ``tools/train.py``) prunes the model while it trains.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+import os.path as osp
+import time
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+from mmengine.dist import all_reduce, broadcast, broadcast_object_list, get_world_size, is_main_process
+from mmengine.hooks import Hook
+from mmengine.model import is_model_wrapper
+from mmengine.registry import HOOKS
+
+from ..core import analyse
+from ..core.cost import RESOURCES
+from ..core.pruner import NORMALIZATIONS, GroupFisherPruner
+from .analysis import example_forward
+from .checkpoint import make_plain_in_place, restore_in_place
+
+STATE_KEY = 'mmfisher'
+
+
+def _unwrap(model):
+    return model.module if is_model_wrapper(model) else model
+
+
+@HOOKS.register_module()
+class SafeCheckpointHook(Hook):
+    """Make every checkpoint the runner writes loadable with ``torch.load(weights_only=True)``.
+
+    Runs last when a checkpoint is saved (after every hook added its state) and turns
+    what is not a tensor or plain Python data (the message hub's ``HistoryBuffer``s, numpy
+    values) into a tagged plain form; turns it back when a checkpoint is loaded, before
+    mmengine restores the message hub. See :mod:`mmfisher.openmmlab.checkpoint`.
+    """
+
+    priority = 'LOWEST'
+
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        make_plain_in_place(checkpoint)
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        restore_in_place(checkpoint)
+
+
+def _parse_target(target: Any) -> Tuple[str, float]:
+    if isinstance(target, dict):
+        if set(target) == {'resource', 'ratio'}:
+            target = (target['resource'], target['ratio'])
+        elif len(target) == 1:
+            target = next(iter(target.items()))
+        else:
+            raise ValueError(f"target={target!r}: use ('flops', 0.5) or dict(resource='flops', ratio=0.5)")
+    if not (isinstance(target, (list, tuple)) and len(target) == 2):
+        raise ValueError(f"target={target!r}: use ('flops', 0.5) or dict(resource='flops', ratio=0.5)")
+    resource, ratio = str(target[0]), float(target[1])
+    if resource not in RESOURCES:
+        raise ValueError(f'target resource {resource!r} is not one of {RESOURCES}')
+    if not 0.0 < ratio < 1.0:
+        raise ValueError(f'target ratio {ratio} is outside (0, 1): it is the fraction of {resource} to keep')
+    return resource, ratio
+
+
+@HOOKS.register_module()
+class FisherPruningHook(Hook):
+    """Prune channels by Group Fisher importance while the model trains.
+
+    Every ``interval`` iterations the ``channels_per_step`` globally least important
+    channels (Fisher / saving) are masked, until ``target`` is reached. The model keeps its
+    size during training (masks); at each ratio in ``save_ratios`` (and at the target) a
+    *pruned checkpoint* is written: the compact model's weights with the channel spec in its
+    meta, named ``pruned_<resource>_<ratio>.pth`` (never overwriting an existing file).
+
+    Args:
+        interval: iterations between pruning steps (paper: 10 for detection, 25 for classification).
+        target: ``(resource, ratio)`` with resource 'flops', 'memory' or 'params', e.g. ``('flops', 0.5)``.
+        normalization: 'memory' (default, the paper's -M), 'flops' (-F) or 'none' (-U).
+        save_ratios: ratios (of the target resource, above the target) at which to also write a
+            pruned checkpoint.
+        channels_per_step: channels removed at each pruning step (1 as in the paper).
+        min_channels: no layer keeps fewer channels.
+        stop_at_target: end training (cleanly, through the train loop) once the target is reached.
+        internal_only: prune only channels inside blocks (the paper's -I).
+        exclude: module-name prefixes whose groups are never pruned.
+        frozen_every: score layers of frozen stages on every k-th iteration only (exact: 1;
+            default: ``interval``, i.e. once per pruning decision). Scoring them needs a backward
+            pass through the frozen stages that plain training skips.
+        input_shape: ``(H, W)`` of the example input the analysis and the cost model use
+            (default: the padded size of rank 0's first training batch).
+    """
+
+    priority = 'NORMAL'
+
+    def __new__(cls, *args, **kwargs):
+        # a misspelt option is a clear error naming the valid ones (mmengine builds hooks from dicts)
+        allowed = [p for p in inspect.signature(cls.__init__).parameters if p != 'self']
+        unknown = sorted(set(kwargs) - set(allowed))
+        if unknown:
+            raise TypeError(f'{cls.__name__} got unknown option(s) {unknown}; valid options: {allowed}')
+        return super().__new__(cls)
+
+    def __init__(self, interval: int = 10, target: Any = ('flops', 0.5), normalization: str = 'memory',
+                 save_ratios: Sequence[float] = (), channels_per_step: int = 1, min_channels: int = 1,
+                 stop_at_target: bool = True, internal_only: bool = False, exclude: Sequence[str] = (),
+                 frozen_every: Optional[int] = None, input_shape: Optional[Sequence[int]] = None) -> None:
+        if int(interval) < 1:
+            raise ValueError(f'interval={interval} must be a positive number of iterations')
+        if normalization not in NORMALIZATIONS:
+            raise ValueError(f'normalization={normalization!r} is not one of {NORMALIZATIONS}')
+        if int(channels_per_step) < 1:
+            raise ValueError(f'channels_per_step={channels_per_step} must be at least 1')
+        self.interval = int(interval)
+        self.target = _parse_target(target)
+        self.normalization = normalization
+        ratios = sorted({float(r) for r in save_ratios}, reverse=True)
+        for r in ratios:
+            if not self.target[1] <= r < 1.0:
+                raise ValueError(f'save ratio {r} is outside [{self.target[1]}, 1): pruning to the target '
+                                 f'{self.target[0]} {self.target[1]} never passes it')
+        if self.target[1] not in ratios:
+            ratios.append(self.target[1])
+        self.save_ratios = ratios
+        self.channels_per_step = int(channels_per_step)
+        self.min_channels = int(min_channels)
+        self.stop_at_target = bool(stop_at_target)
+        self.internal_only = bool(internal_only)
+        self.exclude = tuple(exclude)
+        self.frozen_every = self.interval if frozen_every is None else int(frozen_every)
+        self.input_shape = tuple(input_shape) if input_shape is not None else None
+        self.pruner: Optional[GroupFisherPruner] = None
+        self.saved: Dict[str, str] = {}      # '%.4f' % ratio -> file written
+        self._resume_state: Optional[dict] = None
+        self._stopped = False
+
+    # ---------------------------------------------------------------- set-up
+    def _analysis_shape(self, runner) -> Tuple[int, int]:
+        if self.input_shape is not None:
+            return int(self.input_shape[0]), int(self.input_shape[-1])
+        shape = [None]
+        if is_main_process():
+            # one sample straight from the dataset: iterating the train dataloader here would close
+            # the generator its infinite sampler shares with the train loop
+            import random
+
+            import numpy as np
+            from mmengine.dataset import pseudo_collate
+            states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+            try:
+                data = pseudo_collate([runner.train_dataloader.dataset[0]])
+                with torch.no_grad():
+                    data = _unwrap(runner.model).data_preprocessor(data, False)
+            finally:
+                random.setstate(states[0])
+                np.random.set_state(states[1])
+                torch.set_rng_state(states[2])
+            shape = [tuple(int(s) for s in data['inputs'].shape[-2:])]
+        broadcast_object_list(shape)
+        return shape[0]
+
+    def before_train(self, runner) -> None:
+        model = _unwrap(runner.model)
+        t0 = time.perf_counter()
+        hw = self._analysis_shape(runner)
+        torch.manual_seed(0)  # the analysis input: identical on every rank
+        graph = analyse(model, forward=example_forward(model, (1, 3) + tuple(hw)))
+        self.analysis_shape = tuple(hw)
+        self.pruner = GroupFisherPruner(model, graph, normalization=self.normalization,
+                                        min_channels=self.min_channels, internal_only=self.internal_only,
+                                        exclude=self.exclude, target=self.target, frozen_every=self.frozen_every)
+        s = graph.summary()
+        runner.logger.info(
+            f'[mmfisher] {s["prunable_groups"]}/{s["groups"]} channel groups prunable '
+            f'({s["prunable_channels"]} channels, {s["prunable_layers"]}/{s["layers"]} conv/linear layers), '
+            f'analysed on {hw[0]}x{hw[1]} in {time.perf_counter() - t0:.2f} s; target {self.target[0]} '
+            f'{self.target[1]}, {self.normalization} normalisation, {self.channels_per_step} channel(s) every '
+            f'{self.interval} iterations')
+        for g in graph.groups:
+            if not g.prunable and g.reasons != ['model output']:
+                runner.logger.info(f'[mmfisher] not pruned: {g.name} ({g.reasons[0]})')
+        if self._resume_state is not None:
+            self.pruner.load_state_dict(self._resume_state['pruner'])
+            self.saved = dict(self._resume_state.get('saved', {}))
+            self._resume_state = None
+            runner.logger.info(f'[mmfisher] resumed pruning state: {len(self.pruner.history)} channels removed, '
+                               f'{self._ratio_text()}')
+        current = self.pruner.ratios()[self.target[0]]
+        for r in self.save_ratios:
+            if r > current and self._key(r) not in self.saved and r != self.target[1]:
+                raise ValueError(f'save ratio {r} is above the current {self.target[0]} ratio {current:.4f} and '
+                                 f'no pruned checkpoint was written for it: remove it from save_ratios')
+        self.pruner.attach()
+        self._publish(runner)
+
+    @staticmethod
+    def _key(r: float) -> str:
+        return f'{r:.4f}'
+
+    def _ratio_text(self) -> str:
+        r = self.pruner.ratios()
+        return ', '.join(f'{k} {r[k]:.4f}' for k in RESOURCES)
+
+    def _publish(self, runner) -> None:
+        r = self.pruner.ratios()
+        hub = runner.message_hub
+        hub.update_scalar('train/pruned_channels', float(len(self.pruner.history)))
+        for k in RESOURCES:
+            hub.update_scalar(f'train/{k}_ratio', float(r[k]))
+
+    # ---------------------------------------------------------------- training
+    def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
+        pruner = self.pruner
+        pruner.accumulate()
+        if self._stopped or pruner.reached() or (runner.iter + 1) % self.interval:
+            self._publish(runner)
+            return
+        removed = pruner.step(self.channels_per_step, reduce=self._reduce)
+        self._publish(runner)
+        if removed:
+            runner.logger.info(f'[mmfisher] iter {runner.iter + 1}: removed {len(removed)} channel(s) '
+                               f'(first: {removed[0]["group"]}[{removed[0]["index"]}]), '
+                               f'{len(pruner.history)} in total; {self._ratio_text()}')
+        current = pruner.ratios()[self.target[0]]
+        for r in self.save_ratios:
+            if current <= r and self._key(r) not in self.saved:
+                self.saved[self._key(r)] = self._write_pruned(runner, r)
+        if pruner.reached() or not removed:
+            if not removed:
+                runner.logger.warning('[mmfisher] no channel can be removed any more (min_channels)')
+            if self.stop_at_target:
+                runner.logger.info(f'[mmfisher] target {self.target[0]} {self.target[1]} reached at iter '
+                                   f'{runner.iter + 1}: ending training')
+                runner.train_loop.stop_training = True
+                self._stopped = True
+
+    @staticmethod
+    def _reduce(importance: torch.Tensor) -> torch.Tensor:
+        """Sum over ranks, then rank 0's copy everywhere: every rank takes the same decision."""
+        if get_world_size() > 1:
+            all_reduce(importance, op='sum')
+            broadcast(importance, src=0)
+        return importance
+
+    def _write_pruned(self, runner, ratio: float) -> str:
+        resource = self.target[0]
+        base = osp.join(runner.work_dir, f'pruned_{resource}_{ratio:.2f}')
+        path = base + '.pth'
+        if is_main_process():
+            n = 1
+            while osp.exists(path):
+                path = f'{base}_{n}.pth'
+                n += 1
+        path_box = [path]
+        broadcast_object_list(path_box)
+        path = path_box[0]
+        if is_main_process():
+            compact = self.pruner.export()
+            meta = {
+                'channel_spec': self.pruner.channel_spec(),
+                'mmfisher': {
+                    'resource': resource, 'ratio': ratio, 'ratios': self.pruner.ratios(),
+                    'iter': runner.iter + 1, 'channels_removed': len(self.pruner.history),
+                    'normalization': self.normalization, 'interval': self.interval,
+                    'channels_per_step': self.channels_per_step,
+                    'analysis_input_shape': list(self.analysis_shape),
+                },
+            }
+            dataset_meta = getattr(getattr(runner.train_dataloader, 'dataset', None), 'metainfo', None)
+            if dataset_meta:
+                from .checkpoint import to_plain
+                meta['dataset_meta'] = to_plain(dataset_meta, 'dataset_meta')
+            torch.save({'meta': meta, 'state_dict': compact.state_dict()}, path)
+            runner.logger.info(f'[mmfisher] wrote pruned checkpoint {path} ({resource} {ratio:.2f})')
+        return path
+
+    def after_train(self, runner) -> None:
+        if self.pruner is not None:
+            self.pruner.detach()
+            if not self.pruner.reached():
+                runner.logger.warning(f'[mmfisher] training ended before the target {self.target[0]} '
+                                      f'{self.target[1]} was reached ({self._ratio_text()})')
+
+    # ---------------------------------------------------------------- checkpoints
+    def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
+        if self.pruner is not None:
+            checkpoint[STATE_KEY] = {'pruner': self.pruner.state_dict(), 'saved': dict(self.saved),
+                                     'stopped': self._stopped}
+
+    def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
+        state = checkpoint.get(STATE_KEY)
+        if state is not None and getattr(runner, '_resume', False):
+            self._resume_state = state
+            self._stopped = bool(state.get('stopped', False))
