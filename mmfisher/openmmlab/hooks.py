@@ -221,6 +221,7 @@ class FisherPruningHook(Hook):
             self._publish(runner)
             return
         removed = pruner.step(self.channels_per_step, reduce=self._reduce)
+        self._check_ranks_agree()
         self._publish(runner)
         if removed:
             runner.logger.info(f'[mmfisher] iter {runner.iter + 1}: removed {len(removed)} channel(s) '
@@ -246,6 +247,16 @@ class FisherPruningHook(Hook):
             all_reduce(importance, op='sum')
             broadcast(importance, src=0)
         return importance
+
+    def _check_ranks_agree(self) -> None:
+        """Every rank must hold the same masks; anything else is a bug worth stopping for."""
+        if get_world_size() <= 1:
+            return
+        from mmengine.dist import all_gather_object
+        mine = (int(self.pruner.keep.sum()), hash(tuple((~self.pruner.keep).nonzero().flatten().tolist())))
+        every = all_gather_object(mine)
+        if any(o != mine for o in every):
+            raise RuntimeError(f'mmfisher: ranks disagree on the pruned channels {every}')
 
     def _write_pruned(self, runner, ratio: float) -> str:
         resource = self.target[0]
@@ -280,11 +291,27 @@ class FisherPruningHook(Hook):
         return path
 
     def after_train(self, runner) -> None:
-        if self.pruner is not None:
-            self.pruner.detach()
-            if not self.pruner.reached():
-                runner.logger.warning(f'[mmfisher] training ended before the target {self.target[0]} '
-                                      f'{self.target[1]} was reached ({self._ratio_text()})')
+        if self.pruner is None:
+            return
+        self.pruner.detach()
+        if self._stopped:
+            self._save_final_checkpoint(runner)
+        if not self.pruner.reached():
+            runner.logger.warning(f'[mmfisher] training ended before the target {self.target[0]} '
+                                  f'{self.target[1]} was reached ({self._ratio_text()})')
+
+    def _save_final_checkpoint(self, runner) -> None:
+        """The loop ended early at the target: the regular checkpoint hook did not save this point."""
+        by_epoch = not hasattr(runner.train_loop, 'max_iters')
+        name = f'epoch_{runner.epoch}.pth' if by_epoch else f'iter_{runner.iter}.pth'
+        path = osp.join(runner.work_dir, name)
+        if osp.exists(path):
+            return
+        runner.save_checkpoint(runner.work_dir, name, save_optimizer=True, save_param_scheduler=True)
+        if is_main_process():
+            with open(osp.join(runner.work_dir, 'last_checkpoint'), 'w') as f:
+                f.write(path)
+        runner.logger.info(f'[mmfisher] saved the final checkpoint {path}')
 
     # ---------------------------------------------------------------- checkpoints
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
