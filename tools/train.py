@@ -41,6 +41,21 @@ def ensure_safe_checkpoints(cfg) -> None:
     cfg.custom_hooks = hooks
 
 
+def setup_cpu_distributed(cfg) -> None:
+    """mmengine 0.10's pytorch launcher calls torch.cuda.set_device, which a CPU build of torch lacks:
+    on a machine without CUDA, join the process group with gloo here (the runner then skips its own
+    init) and let DDP wrap a CPU module (device_ids=None)."""
+    import torch
+    import torch.distributed as dist
+    if cfg.launcher != 'pytorch' or torch.cuda.is_available() or dist.is_initialized():
+        return
+    dist.init_process_group(backend='gloo')
+    cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
+    wrapper = cfg.get('model_wrapper_cfg', None) or dict(type='MMDistributedDataParallel')
+    wrapper['device_ids'] = None
+    cfg.model_wrapper_cfg = wrapper
+
+
 def main(argv=None):
     args = parse_args(argv)
     from mmengine.config import Config
@@ -85,6 +100,7 @@ def main(argv=None):
         cfg.resume = True
         cfg.load_from = args.resume
     ensure_safe_checkpoints(cfg)
+    setup_cpu_distributed(cfg)
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
     runner.train()
 
