@@ -18,6 +18,7 @@ setup(
         'mmdet==3.3.0',
         'mmpretrain==1.2.0',
         'numpy',
+        'scikit-learn',  # mmdet's PAA head fits a GMM when training
     ],
     extras_require={'tests': ['pytest>=7']},
 )

@@ -124,6 +124,12 @@ def install() -> bool:
     # expose none, so no placeholder lands in its registry
     transforms.__dir__ = lambda: []  # type: ignore[assignment]
     root = _module('torchvision', ops=ops, transforms=transforms, __version__='0.0.0+mmfisher-fallback')
+
+    def missing(name: str):
+        if name.startswith('__'):
+            raise AttributeError(name)
+        raise ImportError(_MSG.format(what=f'torchvision.{name}'))
+    root.__getattr__ = missing  # type: ignore[attr-defined]
     for mod in (root, ops, boxes, transforms, functional, tr_transforms):
         sys.modules[mod.__name__] = mod
     return True

@@ -12,8 +12,8 @@ bounding boxes. Category names default to four COCO names so that stock COCO
 configs (80 classes) find them; the demo uses its own names.
 
 Classification (``make_imagenet_shapes``): ``ROOT/meta/{train,val}.txt`` with
-``path label`` lines and images under ``ROOT/{train,val}/``, the layout of
-mmpretrain's ImageNet configs.
+``file label`` lines (relative to the split folder) and images under
+``ROOT/{train,val}/``, the layout of mmpretrain's ImageNet configs (``split='train'``).
 
 Everything is drawn with numpy and written with Pillow; the same seed gives the
 same files.
@@ -124,8 +124,8 @@ def make_imagenet_shapes(root: str, num_train: int = 64, num_val: int = 16, size
         lines = []
         for i in range(count):
             img, objs = _image(rng, size, 1, 0.4, 0.8)
-            name = f'{split}/{i:06d}.JPEG'
-            Image.fromarray(img).save(osp.join(root, name), quality=95)
+            name = f'{i:06d}.JPEG'
+            Image.fromarray(img).save(osp.join(root, split, name), quality=95)
             lines.append(f'{name} {objs[0][0]}')
         with open(ann + '.tmp', 'w') as f:
             f.write('\n'.join(lines) + '\n')

@@ -49,13 +49,20 @@ def load_channel_spec(source: Union[str, dict]) -> Tuple[dict, Optional[Sequence
 
 
 def build_pruned_model(architecture: dict, channel_spec: Union[str, dict],
-                       input_shape: Optional[Sequence[int]] = None, **kwargs: Any):
-    """Build ``architecture`` and shrink it to ``channel_spec`` (see module docstring)."""
+                       input_shape: Optional[Sequence[int]] = None, data_preprocessor: Optional[dict] = None,
+                       **kwargs: Any):
+    """Build ``architecture`` and shrink it to ``channel_spec`` (see module docstring).
+
+    ``data_preprocessor``: what mmengine's runner passes from a config's top-level
+    ``data_preprocessor`` (mmpretrain configs); it goes to the architecture as it would.
+    """
     if kwargs:
         raise TypeError(f'PrunedModel got unknown option(s) {sorted(kwargs)}; valid options: '
-                        f'architecture, channel_spec, input_shape')
+                        f'architecture, channel_spec, input_shape, data_preprocessor')
     spec, saved_shape = load_channel_spec(channel_spec)
     cfg = architecture.copy() if hasattr(architecture, 'copy') else dict(architecture)
+    if data_preprocessor is not None:
+        cfg.setdefault('data_preprocessor', data_preprocessor)
     _drop_pretrained(cfg)
     model = MODELS.build(cfg)
     shape = input_shape or saved_shape or (320, 320)

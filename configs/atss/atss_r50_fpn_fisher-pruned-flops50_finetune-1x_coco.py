@@ -1,0 +1,8 @@
+# Fine-tune the compact ATSS-R50-FPN (GN head) written by atss_r50_fpn_fisher-prune-flops50_coco.py with the original
+# 1x schedule (the paper fine-tunes for as many epochs as the original training), then test it with
+#   python tools/test.py configs/atss/atss_r50_fpn_fisher-pruned-flops50_finetune-1x_coco.py work_dirs/atss_r50_fpn_fisher-pruned-flops50_finetune-1x_coco/epoch_12.pth
+_base_ = ['mmdet::atss/atss_r50_fpn_1x_coco.py', '../_base_/mmfisher_runtime.py']
+
+pruned = 'work_dirs/atss_r50_fpn_fisher-prune-flops50_coco/pruned_flops_0.50.pth'
+model = dict(_delete_=True, type='PrunedModel', architecture=_base_.model, channel_spec=pruned)
+load_from = pruned
