@@ -2,7 +2,8 @@
 
     python benchmarks/fisher_overhead.py [--config CONFIG] [--batch 2] [--shape 320 320] [--rounds 10]
 
-Trains the model (random init, generated batch, SGD) and times full train steps
+Trains the model (random init, generated batch, SGD; every step restarts from the same
+weights) and times full train steps
 (forward, loss, backward, optimizer step, and for the pruner ``accumulate()``)
 alternately without and with the pruner's hooks attached, in one process, and
 prints the median and the mean ratio (the mean includes the periodic cost of
@@ -54,7 +55,14 @@ def main(argv=None):
     graph = analyse(model, forward=example_forward(model, (1, 3) + tuple(args.shape)))
     pruner = GroupFisherPruner(model, graph)
 
+    import copy
+    start = (copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict()))
+
     def step(hooked: bool) -> float:
+        # every timed step starts from the same weights: the two variants do the same arithmetic,
+        # and alternating masked and unmasked steps cannot drive the weights somewhere odd
+        model.load_state_dict(start[0])
+        opt.load_state_dict(start[1])
         t0 = time.perf_counter()
         loss = loss_of(model, inputs, samples)
         opt.zero_grad()
@@ -67,8 +75,10 @@ def main(argv=None):
     def measure(label: str) -> float:
         plain, hooked = [], []
         for _ in range(2):  # warm-up both paths
-            pruner.detach(); step(False)
-            pruner.attach(); step(True)
+            pruner.detach()
+            step(False)
+            pruner.attach()
+            step(True)
         for i in range(args.rounds):
             order = (False, True) if i % 2 == 0 else (True, False)
             for h in order:

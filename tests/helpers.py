@@ -5,7 +5,7 @@ import os
 import torch
 import torch.nn as nn
 
-from mmfisher.core import ConsumerInputs, analyse, shrink
+from mmfisher.core import ConsumerInputs, shrink
 from mmfisher.core.trace import _flat_tensors
 
 

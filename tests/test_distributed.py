@@ -1,12 +1,10 @@
 """Two CPU processes (gloo) launched like mmdet's dist_train.sh take identical pruning decisions."""
 import os
-import os.path as osp
 import subprocess
-import sys
 
 import torch
 
-from test_integration import DEMO, PRUNE, ROOT, write_config, shapes  # noqa: F401  (fixture)
+from test_integration import DEMO, PRUNE, ROOT, write_config
 
 DUMP_HOOK = '''
 import os.path as osp

@@ -1,5 +1,4 @@
 """Group Fisher importance equals the per-sample gradient w.r.t. shared channel masks, squared."""
-import warnings
 
 import pytest
 import torch
@@ -172,3 +171,18 @@ def test_frozen_layers_can_be_scored_every_kth_pass():
             assert torch.allclose(gained[frozen.start:frozen.stop], 2 * ref[frozen.start:frozen.stop], rtol=1e-4)
             assert torch.allclose(gained[trained.start:trained.stop], ref[trained.start:trained.stop], rtol=1e-4)
     assert seen == [(True, True), (False, True), (True, True), (False, True)]
+
+
+def test_mixed_precision_inputs_give_finite_float_scores():
+    torch.manual_seed(4)
+    model = Net()
+    graph = analyse(model, torch.randn(1, 3, 8, 8))
+    consumers = ConsumerInputs(model, graph)
+    fisher = FisherImportance(consumers)
+    consumers.attach()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model(torch.randn(2, 3, 8, 8))
+    loss_fn([o.float() for o in out]).backward()
+    fisher.accumulate()
+    assert fisher.accum.dtype == torch.float64 and torch.isfinite(fisher.accum).all()
+    assert float(fisher.accum[graph.prunable].sum()) > 0

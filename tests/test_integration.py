@@ -12,14 +12,6 @@ ROOT = osp.abspath(osp.join(osp.dirname(__file__), '..'))
 DEMO = osp.join(ROOT, 'configs', 'demo', 'retinanet_r18_shapes.py')
 
 
-@pytest.fixture(scope='module')
-def shapes(tmp_path_factory):
-    from mmfisher.datasets.shapes import SHAPES, make_coco_shapes
-    root = str(tmp_path_factory.mktemp('shapes')) + '/'
-    make_coco_shapes(root, num_train=16, num_val=4, size=128, names=SHAPES)
-    return root
-
-
 def write_config(path, base, data_root, body=''):
     """A config on top of ``base`` that reads the generated data with small CPU-friendly loaders."""
     text = f'''_base_ = [{base!r}]
@@ -77,8 +69,10 @@ def test_resumed_run_ends_with_the_same_masks_as_an_unbroken_one(tmp_path, shape
 
 
 def test_prune_to_target_then_finetune_and_test_the_compact_model(tmp_path, shapes):
+    # with gradient accumulation and clipping, as users configure them
     cfg = write_config(tmp_path / 'prune.py', DEMO, shapes,
-                       PRUNE.format(iters=60, interval=1, target=0.7, per_step=40, save_ratios=[0.85]))
+                       PRUNE.format(iters=60, interval=1, target=0.7, per_step=40, save_ratios=[0.85]) +
+                       'optim_wrapper = dict(accumulative_counts=2, clip_grad=dict(max_norm=5.0))\n')
     work = tmp_path / 'prune'
     work.mkdir()
     (work / 'pruned_flops_0.85.pth').write_text('a file of the user that must survive')

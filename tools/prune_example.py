@@ -40,7 +40,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from mmfisher.core import ConsumerInputs, analyse
+    from mmfisher.core import analyse
     from mmfisher.core.pruner import GroupFisherPruner
     from mmfisher.core.trace import _flat_tensors
     from mmfisher.openmmlab import build_from_config, example_forward

@@ -101,11 +101,11 @@ class CostModel:
         alive = self._alive(keep)
         flops = memory = params = 0.0
         for L in self.layers:
-            O = float(alive[L.out_idx].sum())
+            n_out = float(alive[L.out_idx].sum())
             per_out = L.ipg if L.grouped else float(alive[L.in_idx].sum())
-            flops += L.rows * L.kernel * O * per_out
-            memory += L.rows * O
-            params += L.kernel * O * per_out + (O if L.bias else 0.0)
+            flops += L.rows * L.kernel * n_out * per_out
+            memory += L.rows * n_out
+            params += L.kernel * n_out * per_out + (n_out if L.bias else 0.0)
         for idx in self.norms:
             params += 2.0 * float(alive[idx].sum())
         return flops, memory, params
@@ -133,13 +133,13 @@ class CostModel:
         out = torch.zeros(U + 1, dtype=torch.float64)
         for L in self.layers:
             scale = (L.rows if kind == 'flops' else 1.0) * L.kernel
-            O = float(alive[L.out_idx].sum())
             if L.grouped:
                 out.index_add_(0, L.out_u, L.out_n * (scale * L.ipg))
             else:
-                I = float(alive[L.in_idx].sum())
-                out.index_add_(0, L.out_u, L.out_n * (scale * I))
-                out.index_add_(0, L.in_u, L.in_n * (scale * O))
+                n_out = float(alive[L.out_idx].sum())
+                n_in = float(alive[L.in_idx].sum())
+                out.index_add_(0, L.out_u, L.out_n * (scale * n_in))
+                out.index_add_(0, L.in_u, L.in_n * (scale * n_out))
                 # a channel on both sides of one layer is counted once for the product
                 both = torch.isin(L.out_u, L.in_u)
                 if both.any() and L.out_u[both].max() < U:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -237,9 +237,6 @@ def analyse(model: nn.Module, inputs: Union[Any, Callable[[], Any]] = None, *,
             raise ValueError('analyse() needs example inputs or a forward callable')
         args = inputs if isinstance(inputs, tuple) else (inputs,)
         forward = lambda: model(*args)  # noqa: E731
-        first = args[0]
-    else:
-        first = None
     t0 = time.perf_counter()
     tracer = ChannelTracer(model)
     training = {m: m.training for m in model.modules()}

@@ -23,7 +23,7 @@ squared sum stays the same.
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import torch
 
@@ -69,16 +69,18 @@ class FisherImportance:
         x = self._pending.pop(key, None)
         if x is None:
             return
-        if scale != 1.0:
-            g = g * scale
         with torch.no_grad():
-            if c.dim == 1:
-                prod = x * g
-                contrib = prod.sum(dim=tuple(range(2, x.dim()))) if x.dim() > 2 else prod
-            else:
-                prod = (x * g)
-                contrib = prod.reshape(prod.shape[0], -1, prod.shape[-1]).sum(1) if prod.dim() > 2 else prod
-            if prod.dim() == 1:
+            if x.dtype in (torch.float16, torch.bfloat16):   # mixed precision: sum in float32
+                x, g = x.float(), g.float()
+            if scale != 1.0:
+                g = g * scale
+            if c.dim == 1 and x.dim() > 2:      # conv input [N, C, *spatial]: a dot product per channel
+                contrib = torch.linalg.vecdot(x.flatten(2), g.flatten(2))
+            elif c.dim == 1 or x.dim() <= 2:     # [N, C]
+                contrib = x * g
+            else:                                # linear input [N, ..., F]
+                contrib = (x * g).reshape(x.shape[0], -1, x.shape[-1]).sum(1)
+            if contrib.dim() == 1:
                 contrib = contrib.unsqueeze(0)
             contrib = contrib.float()
             n = contrib.shape[0]

@@ -18,8 +18,7 @@ with fewer than ``min_channels`` channels, then resets the accumulated Fisher.
 from __future__ import annotations
 
 import copy
-import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 import torch.nn as nn

@@ -14,7 +14,7 @@ compact model prints, saves and reloads like any model of those sizes.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, Dict, Mapping
 
 import torch
 import torch.nn as nn

@@ -109,7 +109,7 @@ class Label:
 # --------------------------------------------------------------------------- #
 @dataclass
 class Call:
-    """One call of a recorded module: output rows per channel, and batch size."""
+    """One call of a recorded module: output elements per channel and the input/output shapes."""
 
     rows: int        # output elements per channel position (N*H*W for a conv)
     in_shape: Tuple[int, ...]
@@ -176,14 +176,14 @@ _POINTWISE = {
     'add', 'sub', 'subtract', 'mul', 'multiply', 'div', 'divide', 'true_divide', 'floor_divide',
     'pow', 'maximum', 'minimum', 'fmax', 'fmin', 'where', 'clamp', 'clip', 'clamp_min', 'clamp_max',
     'relu', 'relu6', 'leaky_relu', 'elu', 'selu', 'celu', 'gelu', 'silu', 'mish', 'sigmoid',
-    'hardsigmoid', 'hardswish', 'hardtanh', 'tanh', 'softplus', 'softsign', 'prelu_scalar',
+    'hardsigmoid', 'hardswish', 'hardtanh', 'tanh', 'softplus', 'softsign',
     'exp', 'log', 'log1p', 'expm1', 'sqrt', 'rsqrt', 'abs', 'neg', 'negative', 'sign', 'square',
     'reciprocal', 'sin', 'cos', 'floor', 'ceil', 'round', 'trunc', 'frac', 'erf', 'logit',
     'dropout', 'dropout1d', 'dropout2d', 'dropout3d', 'alpha_dropout', 'feature_alpha_dropout',
     'eq', 'ne', 'lt', 'le', 'gt', 'ge', 'logical_and', 'logical_or', 'logical_not', 'isnan',
     'isinf', 'isfinite', 'nan_to_num', 'lerp', 'addcmul', 'addcdiv', 'threshold', 'and', 'or',
     'invert', 'bitwise_and', 'bitwise_or', 'masked_fill', 'hardshrink', 'softshrink',
-    'tanhshrink', 'logsigmoid', 'glu_never',
+    'tanhshrink', 'logsigmoid',
     'fill', 'zero', 'copy', 'pos',
 }
 # same tensor, other dtype/device/storage; a second tensor argument only names the dtype/device
@@ -196,7 +196,7 @@ _CHANNELWISE = {
     'adaptive_avg_pool1d', 'adaptive_avg_pool2d', 'adaptive_avg_pool3d', 'adaptive_max_pool1d',
     'adaptive_max_pool2d', 'adaptive_max_pool3d', 'max_pool2d_with_indices', 'lp_pool2d',
     'interpolate', 'upsample', 'upsample_nearest', 'upsample_bilinear', 'pad', 'grid_sample',
-    'pixel_unshuffle_never', 'roll', 'flip', 'fractional_max_pool2d',
+    'roll', 'flip', 'fractional_max_pool2d',
 }
 _RESHAPE = {'view', 'reshape', 'flatten', 'unflatten', 'squeeze', 'unsqueeze', 'view_as', 'reshape_as',
             'ravel', 'atleast_2d', 'atleast_3d'}
@@ -213,7 +213,7 @@ _INSPECT = {'size', 'dim', 'ndim', 'ndimension', 'numel', 'shape', 'dtype', 'dev
             'storage_offset', 'nelement', 'repr', 'format', 'hash', 'grad', 'is_complex',
             'is_quantized', 'is_meta', 'untyped_storage', '_version', 'output_nr', 'retain_grad',
             'register_hook', 'new_zeros', 'new_ones', 'new_full', 'new_empty', 'new_tensor',
-            'is_nested', 'itemsize', 'nbytes', 'is_mkldnn', 'is_sparse_csr', 'has_names', 'mT_never'}
+            'is_nested', 'itemsize', 'nbytes', 'is_mkldnn', 'is_sparse_csr', 'has_names'}
 
 
 _FACTORY = {'new_empty', 'new_zeros', 'new_ones', 'new_full', 'empty', 'zeros', 'ones', 'full', 'empty_like',
@@ -521,8 +521,6 @@ class ChannelTracer:
         labelled = [(t, self.label(t)) for t in tensors]
         labelled = [(t, lab) for t, lab in labelled if lab is not None]
         if not labelled:
-            if name == 'setitem':
-                return
             return
         self.ops_seen[name] = self.ops_seen.get(name, 0) + 1
         where = self.where()
@@ -740,8 +738,7 @@ class ChannelTracer:
     def rule_split(self, name, inplace, args, kwargs, out, labelled, where):
         t, lab = labelled[0]
         nd = t.dim()
-        default = 0
-        dim = _arg(args, kwargs, 2, 'dim', default) if name not in ('unbind',) else _arg(args, kwargs, 1, 'dim', 0)
+        dim = _arg(args, kwargs, 1, 'dim', 0) if name == 'unbind' else _arg(args, kwargs, 2, 'dim', 0)
         dim = dim % nd
         outs = list(out)
         if dim != lab.dim:

@@ -8,7 +8,7 @@ detectors run their RoI head) or the classifier's ``forward(mode='tensor')``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence, Tuple
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn

@@ -12,7 +12,7 @@ from typing import Any, Dict
 
 import torch
 
-from ..core.trace import ChannelTracer, Label, ModuleHandler, ModuleRecord, _flat_tensors, register_module_handler
+from ..core.trace import Call, ChannelTracer, Label, ModuleHandler, ModuleRecord, _flat_tensors, register_module_handler
 
 
 class RoIExtractorHandler(ModuleHandler):
@@ -28,16 +28,11 @@ class RoIExtractorHandler(ModuleHandler):
             tracer.input_atoms(rec, 'feat', f, 1, n)
         out = output if isinstance(output, torch.Tensor) else None
         if out is not None and out.dim() >= 2 and out.shape[1] == n:
-            rec.calls.append(tracer_call(out))
+            rec.calls.append(Call(out.numel() // out.shape[1], tuple(out.shape), tuple(out.shape)))
             tracer.set_label(out, Label(1, atoms))
 
     def shrink(self, module, keep: Dict[str, torch.Tensor]) -> None:
         module.out_channels = int(keep['feat'].numel())
-
-
-def tracer_call(out: torch.Tensor):
-    from ..core.trace import Call
-    return Call(out.numel() // out.shape[1], tuple(out.shape), tuple(out.shape))
 
 
 def register_openmmlab_handlers() -> None:

@@ -7,10 +7,9 @@ or mmfisher's ``tools/train.py``) prunes the model while it trains.
 from __future__ import annotations
 
 import inspect
-import os
 import os.path as osp
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 from mmengine.dist import all_reduce, broadcast, broadcast_object_list, get_world_size, is_main_process
