@@ -20,5 +20,5 @@ setup(
         'numpy',
         'scikit-learn',  # mmdet's PAA head fits a GMM when training
     ],
-    extras_require={'tests': ['pytest>=7']},
+    extras_require={'tests': ['pytest>=7', 'onnx', 'onnxruntime'], 'onnx': ['onnx', 'onnxruntime']},
 )

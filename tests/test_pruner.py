@@ -159,3 +159,25 @@ def test_state_of_another_architecture_is_refused():
     p2 = GroupFisherPruner(other, analyse(other, torch.randn(1, 3, 8, 8)))
     with pytest.raises(ValueError, match='does not belong to this architecture'):
         p2.load_state_dict(state)
+
+
+def test_export_rounds_channel_counts_to_a_divisor():
+    model, graph, pruner = make()
+    pruner.fisher.accum = torch.rand(graph.num_channels, dtype=torch.float64)
+    pruner.step(5)
+    stream, c1 = graph.group('stem'), graph.group('c1')
+    counts = {g.name: int(pruner.keep[g.offset:g.offset + g.size].sum()) for g in (stream, c1)}
+    keep4 = pruner.export_keep(divisor=4)
+    for g in (stream, c1):
+        k = int(keep4[g.offset:g.offset + g.size].sum())
+        assert k % 4 == 0 or k == g.size
+        assert k >= counts[g.name]
+    assert bool((keep4 | ~pruner.keep).all())   # only gives channels back
+    # the last removed channel comes back first
+    last = pruner.history[-1]['channel']
+    g = graph.groups[graph.group_index(last)]
+    if int(pruner.keep[g.offset:g.offset + g.size].sum()) % 4:
+        assert keep4[last]
+    compact = pruner.export(divisor=4)
+    assert compact.c1.out_channels % 4 == 0 or compact.c1.out_channels == 6
+    assert compact(torch.randn(1, 3, 16, 16)).shape == (1, 3, 8, 8)

@@ -22,6 +22,7 @@ def parse_args(argv=None):
     p.add_argument('checkpoint', help='checkpoint file')
     p.add_argument('--work-dir', help='the directory to save the file containing evaluation metrics')
     p.add_argument('--out', type=str, help='dump predictions to a pickle file for offline evaluation')
+    p.add_argument('--metrics-json', help='also write the evaluation metrics to this JSON file')
     p.add_argument('--cfg-options', nargs='+', action=DictAction,
                    help='override settings in the config, key=value pairs (xxx=yyy format)')
     p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none', help='job launcher')
@@ -63,7 +64,13 @@ def main(argv=None):
     from train import setup_cpu_distributed
     setup_cpu_distributed(cfg)
     runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
-    return runner.test()
+    metrics = runner.test()
+    if args.metrics_json:
+        import json
+        with open(args.metrics_json, 'w') as f:
+            json.dump({k: float(v) if isinstance(v, (int, float)) else str(v) for k, v in metrics.items()}, f,
+                      indent=1)
+    return metrics
 
 
 if __name__ == '__main__':

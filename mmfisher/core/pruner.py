@@ -27,7 +27,7 @@ from .cost import RESOURCES, CostModel
 from .groups import CouplingGraph
 from .importance import FisherImportance
 from .masks import ConsumerInputs
-from .shrink import make_spec, shrink
+from .shrink import make_spec, round_keep, shrink
 
 NORMALIZATIONS = ('memory', 'flops', 'none')
 
@@ -205,11 +205,18 @@ class GroupFisherPruner:
         return removed
 
     # ------------------------------------------------------------------ #
-    def channel_spec(self) -> Dict[str, Any]:
-        return make_spec(self.graph, self.keep)
+    def export_keep(self, divisor: Optional[int] = None) -> torch.Tensor:
+        """The kept channels, optionally rounded up to multiples of ``divisor`` per group."""
+        if not divisor or divisor == 1:
+            return self.keep.clone()
+        return round_keep(self.graph, self.keep, divisor, [h['channel'] for h in self.history])
 
-    def export(self) -> nn.Module:
-        """A compact copy of the model (the pruner's hooks are not copied)."""
+    def channel_spec(self, divisor: Optional[int] = None) -> Dict[str, Any]:
+        return make_spec(self.graph, self.export_keep(divisor))
+
+    def export(self, divisor: Optional[int] = None) -> nn.Module:
+        """A compact copy of the model (the pruner's hooks are not copied); ``divisor`` rounds
+        every group's channel count up to a multiple of it (see :func:`round_keep`)."""
         attached = bool(self.consumers._handles)
         self.detach()
         try:
@@ -217,7 +224,7 @@ class GroupFisherPruner:
         finally:
             if attached:
                 self.attach()
-        return shrink(compact, self.graph, self.keep)
+        return shrink(compact, self.graph, self.export_keep(divisor))
 
     def signature(self) -> Dict[str, Any]:
         return {'num_channels': self.graph.num_channels,

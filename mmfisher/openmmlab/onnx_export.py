@@ -1,0 +1,53 @@
+"""Export a (compact) mmdet / mmpretrain model's network to ONNX and run it with onnxruntime.
+
+The exported graph is the network in 'tensor' mode (for detectors: the per-level class and box
+maps, without post-processing), traced with torch.onnx's TorchScript exporter (``dynamo=False``:
+the torch.export-based default needs the onnxscript package).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import torch.nn as nn
+
+from ..core.trace import _flat_tensors
+from .analysis import example_forward
+
+
+class TensorModeNetwork(nn.Module):
+    """``forward(x)`` returns the model's tensor-mode outputs as a flat tuple."""
+
+    def __init__(self, model: nn.Module, shape: Sequence[int]):
+        super().__init__()
+        self.model = model
+        fwd = example_forward(model, tuple(shape))
+        cells = {type(c.cell_contents): c.cell_contents for c in fwd.__closure__}
+        self._samples = cells.get(list)
+
+    def forward(self, x):
+        if self._samples is not None:
+            out = self.model._forward(x, self._samples)
+        else:
+            out = self.model(x, mode='tensor')
+        return tuple(_flat_tensors(out, [], -8))
+
+
+def export_onnx(model: nn.Module, path: str, shape: Sequence[int] = (1, 3, 640, 640), opset: int = 17) -> List[str]:
+    """Write ``path``; returns the output names."""
+    net = TensorModeNetwork(model.eval(), shape).eval()
+    x = torch.randn(*shape)
+    with torch.no_grad():
+        n_out = len(net(x))
+    names = [f'out{i}' for i in range(n_out)]
+    torch.onnx.export(net, (x,), path, input_names=['input'], output_names=names, opset_version=opset,
+                      dynamo=False)
+    return names
+
+
+def onnx_session(path: str, threads: int = 0):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    return ort.InferenceSession(path, opts, providers=['CPUExecutionProvider'])
