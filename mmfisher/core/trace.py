@@ -304,7 +304,9 @@ class ChannelTracer:
             self.names.setdefault(id(m), name or '<root>')
         self.records: Dict[int, ModuleRecord] = {}
         self.order: List[int] = []               # ids of records in first-call order
-        self.labels: Dict[int, Tuple[torch.Tensor, Label]] = {}
+        # id(tensor) -> (weak reference, label): intermediate tensors are freed as in a plain forward;
+        # a recycled id is told apart by its dead reference
+        self.labels: Dict[int, Tuple['weakref.ref', Label]] = {}
         # one frame per running module: [module, is_leaf, {id: tensor} of labelled direct tensor args not yet read]
         self.stack: List[list] = []
         self.produced: 'weakref.WeakValueDictionary[int, torch.Tensor]' = weakref.WeakValueDictionary()
@@ -319,7 +321,7 @@ class ChannelTracer:
         if not isinstance(t, torch.Tensor):
             return None
         hit = self.labels.get(id(t))
-        if hit is None or hit[0] is not t:
+        if hit is None or hit[0]() is not t:
             return None
         return hit[1]
 
@@ -333,7 +335,7 @@ class ChannelTracer:
             self.sets.taint(lab.atoms.tolist(), 'internal: label does not fit tensor shape')
             self.labels.pop(id(t), None)
             return
-        self.labels[id(t)] = (t, lab)
+        self.labels[id(t)] = (weakref.ref(t), lab)
 
     def taint(self, lab: Optional[Label], reason: str) -> None:
         if lab is not None:
