@@ -41,42 +41,10 @@ def ensure_safe_checkpoints(cfg) -> None:
     cfg.custom_hooks = hooks
 
 
-def setup_cpu_distributed(cfg) -> None:
-    """mmengine 0.10's pytorch launcher calls torch.cuda.set_device, which a CPU build of torch lacks:
-    on a machine without CUDA, join the process group with gloo here (the runner then skips its own
-    init) and let DDP wrap a CPU module (device_ids=None)."""
-    import torch
-    import torch.distributed as dist
-    if cfg.launcher != 'pytorch' or torch.cuda.is_available() or dist.is_initialized():
-        return
-    dist.init_process_group(backend='gloo')
-    cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
-    wrapper = cfg.get('model_wrapper_cfg', None) or dict(type='MMDistributedDataParallel')
-    wrapper['device_ids'] = None
-    cfg.model_wrapper_cfg = wrapper
-
-
 def main(argv=None):
     args = parse_args(argv)
-    from mmengine.config import Config
-    from mmengine.registry import RUNNERS
-    from mmengine.runner import Runner
-
-    from mmfisher.openmmlab import register_all_modules
-    from mmfisher.openmmlab.analysis import default_scope_of
-
-    if not osp.isfile(args.config):
-        sys.exit(f'error: config file {args.config!r} does not exist')
-    register_all_modules()
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    cfg.setdefault('default_scope', default_scope_of(cfg))
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir', None) is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    from mmfisher.openmmlab.tools_common import build_runner, load_tool_config
+    cfg = load_tool_config(args.config, args.cfg_options, args.launcher, args.work_dir)
     if args.amp:
         wrapper = cfg.optim_wrapper.get('type', 'OptimWrapper')
         if wrapper == 'AmpOptimWrapper':
@@ -100,9 +68,7 @@ def main(argv=None):
         cfg.resume = True
         cfg.load_from = args.resume
     ensure_safe_checkpoints(cfg)
-    setup_cpu_distributed(cfg)
-    runner = Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
-    runner.train()
+    build_runner(cfg).train()
 
 
 if __name__ == '__main__':

@@ -70,8 +70,12 @@ def _drop_pretrained(cfg: Any) -> None:
 
 
 def example_forward(model: nn.Module, shape: Sequence[int] = (1, 3, 320, 320)) -> Callable[[], Any]:
-    """The forward the analysis records: ``shape`` is the (already normalised) input batch."""
-    x = torch.randn(*shape, device=next(model.parameters()).device)
+    """The forward the analysis records: ``shape`` is the (already normalised) input batch.
+
+    The input is drawn from a generator of its own (seed 0): the same on every rank and every
+    call, and the global random stream of a training run is left untouched.
+    """
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(next(model.parameters()).device)
     try:
         from mmdet.models.detectors import BaseDetector
     except ImportError:  # pragma: no cover

@@ -178,9 +178,7 @@ class FisherPruningHook(Hook):
         model = _unwrap(runner.model)
         t0 = time.perf_counter()
         hw = self._analysis_shape(runner)
-        with torch.random.fork_rng(devices=[]):   # the training RNG stays as it was
-            torch.manual_seed(0)                   # the analysis input: identical on every rank
-            graph = analyse(model, forward=example_forward(model, (1, 3) + tuple(hw)))
+        graph = analyse(model, forward=example_forward(model, (1, 3) + tuple(hw)))
         self.analysis_shape = tuple(hw)
         self.pruner = GroupFisherPruner(model, graph, normalization=self.normalization,
                                         min_channels=self.min_channels, internal_only=self.internal_only,

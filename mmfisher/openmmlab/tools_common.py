@@ -1,0 +1,47 @@
+"""What mmfisher's tools/train.py and tools/test.py share: loading the config, CPU-only DDP."""
+from __future__ import annotations
+
+import os.path as osp
+import sys
+
+
+def load_tool_config(config: str, cfg_options, launcher: str, work_dir):
+    """The config as mmdet's tools prepare it, with mmfisher's modules registered."""
+    from mmengine.config import Config
+
+    from .analysis import default_scope_of, register_all_modules
+    if not osp.isfile(config):
+        sys.exit(f'error: config file {config!r} does not exist')
+    register_all_modules()
+    cfg = Config.fromfile(config)
+    cfg.launcher = launcher
+    if cfg_options is not None:
+        cfg.merge_from_dict(cfg_options)
+    cfg.setdefault('default_scope', default_scope_of(cfg))
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir', None) is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(config))[0])
+    return cfg
+
+
+def setup_cpu_distributed(cfg) -> None:
+    """mmengine 0.10's pytorch launcher calls torch.cuda.set_device, which a CPU build of torch lacks:
+    on a machine without CUDA, join the process group with gloo here (the runner then skips its own
+    init) and let DDP wrap a CPU module (device_ids=None)."""
+    import torch
+    import torch.distributed as dist
+    if cfg.launcher != 'pytorch' or torch.cuda.is_available() or dist.is_initialized():
+        return
+    dist.init_process_group(backend='gloo')
+    cfg.setdefault('env_cfg', {}).setdefault('dist_cfg', {})['backend'] = 'gloo'
+    wrapper = cfg.get('model_wrapper_cfg', None) or dict(type='MMDistributedDataParallel')
+    wrapper['device_ids'] = None
+    cfg.model_wrapper_cfg = wrapper
+
+
+def build_runner(cfg):
+    from mmengine.registry import RUNNERS
+    from mmengine.runner import Runner
+    setup_cpu_distributed(cfg)
+    return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
