@@ -27,16 +27,11 @@ MODELS = [
 
 
 def _runner(model, shape):
-    """Run ``model`` like the analysis does, on one fixed input."""
-    from mmfisher.openmmlab import example_forward
-    torch.manual_seed(0)
-    fwd = example_forward(model, shape)
-    cells = {type(c.cell_contents): c.cell_contents for c in fwd.__closure__}
-    x = cells[torch.Tensor]
-    samples = cells.get(list)
-    if samples is not None:
-        return fwd, lambda m: m._forward(x, samples)
-    return fwd, lambda m: m(x, mode='tensor')
+    """The analysis forward of ``model`` and a function running any model (masked, compact) on its input."""
+    from mmfisher.openmmlab.analysis import example_samples, tensor_forward
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    samples = example_samples(model, shape)
+    return (lambda: tensor_forward(model, x, samples)), (lambda m: tensor_forward(m, x, samples))
 
 
 @pytest.mark.parametrize('package,config', MODELS, ids=[c.split('/')[-1][:-3] for _, c in MODELS])

@@ -60,13 +60,9 @@ def build(config: str, ckpt: str, device: str):
 
 
 def tensor_forward(model, x):
-    from mmfisher.openmmlab import example_forward
-    fwd = example_forward(model, tuple(x.shape))
-    cells = {type(c.cell_contents): c.cell_contents for c in fwd.__closure__}
-    samples = cells.get(list)
-    if samples is not None:
-        return lambda: model._forward(x, samples)
-    return lambda: model(x, mode='tensor')
+    from mmfisher.openmmlab.analysis import example_samples, tensor_forward
+    samples = example_samples(model, tuple(x.shape))
+    return lambda: tensor_forward(model, x, samples)
 
 
 def complexity(model, x, run) -> dict:

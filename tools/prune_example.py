@@ -44,6 +44,7 @@ def main(argv=None):
     from mmfisher.core.pruner import GroupFisherPruner
     from mmfisher.core.trace import _flat_tensors
     from mmfisher.openmmlab import build_from_config, example_forward
+    from mmfisher.openmmlab.analysis import example_samples, tensor_forward
     from mmfisher.openmmlab.synthetic import loss_of, random_batch
 
     config = args.config
@@ -91,17 +92,15 @@ def main(argv=None):
 
     # the compact model computes what the masked model computes
     model.eval()
-    fwd = example_forward(model, shape)
+    x = torch.randn(*shape)
+    samples = example_samples(model, shape)
     with torch.no_grad():
-        masked = _flat_tensors(fwd(), [], -8)
+        masked = _flat_tensors(tensor_forward(model, x, samples), [], -8)
     compact = pruner.export()
     compact.eval()
     pruner.detach()
-    cells = {type(c.cell_contents): c.cell_contents for c in fwd.__closure__}
-    x, samples = cells[torch.Tensor], cells.get(list)
     with torch.no_grad():
-        out = compact._forward(x, samples) if samples is not None else compact(x, mode='tensor')
-    out = _flat_tensors(out, [], -8)
+        out = _flat_tensors(tensor_forward(compact, x, samples), [], -8)
     err = max(float((a - b).abs().max() / (a.abs().max() + 1e-6)) for a, b in zip(masked, out))
 
     r = pruner.ratios()

@@ -8,7 +8,7 @@ detectors run their RoI head) or the classifier's ``forward(mode='tensor')``.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -69,6 +69,29 @@ def _drop_pretrained(cfg: Any) -> None:
             _drop_pretrained(v)
 
 
+def example_samples(model: nn.Module, shape: Sequence[int]) -> Optional[list]:
+    """Minimal data samples a detector's ``_forward`` needs for a ``shape`` batch (None for classifiers)."""
+    try:
+        from mmdet.models.detectors import BaseDetector
+    except ImportError:  # pragma: no cover
+        return None
+    if not isinstance(model, BaseDetector):
+        return None
+    from mmdet.structures import DetDataSample
+    h, w = int(shape[-2]), int(shape[-1])
+    return [DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
+                                        batch_input_shape=(h, w), scale_factor=(1.0, 1.0)))
+            for _ in range(shape[0])]
+
+
+def tensor_forward(model: nn.Module, x: torch.Tensor, samples: Optional[list]) -> Any:
+    """The network in 'tensor' mode: a detector's ``_forward`` (with its RoI head, if any) or a
+    classifier's ``forward(mode='tensor')``; no post-processing."""
+    if samples is not None:
+        return model._forward(x, samples)
+    return model(x, mode='tensor')
+
+
 def example_forward(model: nn.Module, shape: Sequence[int] = (1, 3, 320, 320)) -> Callable[[], Any]:
     """The forward the analysis records: ``shape`` is the (already normalised) input batch.
 
@@ -76,18 +99,8 @@ def example_forward(model: nn.Module, shape: Sequence[int] = (1, 3, 320, 320)) -
     call, and the global random stream of a training run is left untouched.
     """
     x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(next(model.parameters()).device)
-    try:
-        from mmdet.models.detectors import BaseDetector
-    except ImportError:  # pragma: no cover
-        BaseDetector = ()
-    if BaseDetector and isinstance(model, BaseDetector):
-        from mmdet.structures import DetDataSample
-        h, w = int(shape[-2]), int(shape[-1])
-        samples = [DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
-                                               batch_input_shape=(h, w), scale_factor=(1.0, 1.0)))
-                   for _ in range(shape[0])]
-        return lambda: model._forward(x, samples)
-    return lambda: model(x, mode='tensor')
+    samples = example_samples(model, shape)
+    return lambda: tensor_forward(model, x, samples)
 
 
 def analyse_model(model: nn.Module, shape: Sequence[int] = (1, 3, 320, 320)) -> CouplingGraph:

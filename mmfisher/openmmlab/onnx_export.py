@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from ..core.trace import _flat_tensors
-from .analysis import example_forward
+from .analysis import example_samples, tensor_forward
 
 
 class TensorModeNetwork(nn.Module):
@@ -21,16 +21,10 @@ class TensorModeNetwork(nn.Module):
     def __init__(self, model: nn.Module, shape: Sequence[int]):
         super().__init__()
         self.model = model
-        fwd = example_forward(model, tuple(shape))
-        cells = {type(c.cell_contents): c.cell_contents for c in fwd.__closure__}
-        self._samples = cells.get(list)
+        self._samples = example_samples(model, shape)
 
     def forward(self, x):
-        if self._samples is not None:
-            out = self.model._forward(x, self._samples)
-        else:
-            out = self.model(x, mode='tensor')
-        return tuple(_flat_tensors(out, [], -8))
+        return tuple(_flat_tensors(tensor_forward(self.model, x, self._samples), [], -8))
 
 
 def export_onnx(model: nn.Module, path: str, shape: Sequence[int] = (1, 3, 640, 640), opset: int = 17) -> List[str]:
