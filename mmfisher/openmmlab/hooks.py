@@ -226,7 +226,11 @@ class FisherPruningHook(Hook):
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
         pruner = self.pruner
         pruner.accumulate()
-        if self._stopped or pruner.reached() or (runner.iter + 1) % self.interval:
+        if self._stopped or pruner.reached():
+            pruner.fisher.enabled = False   # the masks stay; no more Fisher to gather
+            self._publish(runner)
+            return
+        if (runner.iter + 1) % self.interval:
             self._publish(runner)
             return
         removed = pruner.step(self._step_size(), reduce=self._reduce)
