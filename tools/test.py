@@ -7,7 +7,6 @@ Works for pruned models (``model = dict(type='PrunedModel', ...)``) like for any
 other. The checkpoint is loaded with torch's weights_only=True check.
 """
 import argparse
-import os
 import os.path as osp
 import sys
 
@@ -15,21 +14,14 @@ sys.path.insert(0, osp.abspath(osp.join(osp.dirname(__file__), '..')))
 
 
 def parse_args(argv=None):
-    from mmengine.config import DictAction
+    from mmfisher.openmmlab.tools_common import parse_tool_args
     p = argparse.ArgumentParser(description='Test (and eval) a model')
     p.add_argument('config', help='test config file path')
     p.add_argument('checkpoint', help='checkpoint file')
     p.add_argument('--work-dir', help='the directory to save the file containing evaluation metrics')
     p.add_argument('--out', type=str, help='dump predictions to a pickle file for offline evaluation')
     p.add_argument('--metrics-json', help='also write the evaluation metrics to this JSON file')
-    p.add_argument('--cfg-options', nargs='+', action=DictAction,
-                   help='override settings in the config, key=value pairs (xxx=yyy format)')
-    p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none', help='job launcher')
-    p.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = p.parse_args(argv)
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
+    return parse_tool_args(p, argv)
 
 
 def main(argv=None):

@@ -8,7 +8,6 @@ type='PrunedModel'), and a SafeCheckpointHook is added when the config has none,
 the checkpoints of the run load under torch's weights_only=True (--resume, load_from).
 """
 import argparse
-import os
 import os.path as osp
 import sys
 
@@ -16,7 +15,7 @@ sys.path.insert(0, osp.abspath(osp.join(osp.dirname(__file__), '..')))
 
 
 def parse_args(argv=None):
-    from mmengine.config import DictAction
+    from mmfisher.openmmlab.tools_common import parse_tool_args
     p = argparse.ArgumentParser(description='Train a detector or classifier (with mmfisher pruning hooks)')
     p.add_argument('config', help='train config file path')
     p.add_argument('--work-dir', help='the dir to save logs and models')
@@ -24,14 +23,7 @@ def parse_args(argv=None):
     p.add_argument('--auto-scale-lr', action='store_true', help='enable automatically scaling LR')
     p.add_argument('--resume', nargs='?', type=str, const='auto',
                    help='resume from the given checkpoint, or from the latest one in the work dir if none is given')
-    p.add_argument('--cfg-options', nargs='+', action=DictAction,
-                   help='override settings in the config, key=value pairs (xxx=yyy format)')
-    p.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none', help='job launcher')
-    p.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = p.parse_args(argv)
-    if 'LOCAL_RANK' not in os.environ:
-        os.environ['LOCAL_RANK'] = str(args.local_rank)
-    return args
+    return parse_tool_args(p, argv)
 
 
 def ensure_safe_checkpoints(cfg) -> None:

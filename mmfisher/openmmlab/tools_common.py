@@ -5,6 +5,22 @@ import os.path as osp
 import sys
 
 
+def parse_tool_args(parser, argv=None):
+    """Add the options mmdet's train and test tools share (``--cfg-options``, ``--launcher``,
+    ``--local-rank``), parse, and export ``LOCAL_RANK`` as the launchers expect."""
+    import os
+
+    from mmengine.config import DictAction
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help='override settings in the config, key=value pairs (xxx=yyy format)')
+    parser.add_argument('--launcher', choices=['none', 'pytorch', 'slurm', 'mpi'], default='none',
+                        help='job launcher')
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    return args
+
+
 def load_tool_config(config: str, cfg_options, launcher: str, work_dir):
     """The config as mmdet's tools prepare it, with mmfisher's modules registered."""
     from mmengine.config import Config
