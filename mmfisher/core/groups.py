@@ -62,7 +62,7 @@ class LayerArray:
 class CouplingGraph:
     """The result of the analysis: groups, and for every recorded module its arrays."""
 
-    def __init__(self, model: nn.Module, tracer: ChannelTracer, seconds: float) -> None:
+    def __init__(self, tracer: ChannelTracer, seconds: float) -> None:
         self.seconds = seconds
         self.batch_size = tracer.batch_size
         self.records: Dict[str, ModuleRecord] = {}
@@ -246,4 +246,4 @@ def analyse(model: nn.Module, inputs: Union[Any, Callable[[], Any]] = None, *,
     finally:
         for m, flag in training.items():
             m.training = flag
-    return CouplingGraph(model, tracer, time.perf_counter() - t0)
+    return CouplingGraph(tracer, time.perf_counter() - t0)

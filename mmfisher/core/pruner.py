@@ -100,8 +100,14 @@ class GroupFisherPruner:
                 self._members[ch].append((a, cnt))
         self._member_sizes = torch.tensor(sizes, dtype=torch.long)
 
-    def _removable(self, ch: int) -> bool:
-        return all(int(self._alive_pos[a]) - cnt >= self.min_channels for a, cnt in self._members[ch])
+    def _fits(self, ch: int, alive: torch.Tensor) -> bool:
+        """Whether every array holding ``ch`` keeps ``min_channels`` positions without it."""
+        return all(int(alive[a]) - cnt >= self.min_channels for a, cnt in self._members[ch])
+
+    def _take(self, ch: int, alive: torch.Tensor) -> None:
+        """Count ``ch``'s positions out of ``alive`` (positions left per array)."""
+        for a, cnt in self._members[ch]:
+            alive[a] -= cnt
 
     def _check_target(self, target: Optional[Sequence[Any]]):
         if target is None:
@@ -126,10 +132,9 @@ class GroupFisherPruner:
         keep = self.keep.clone()
         alive = self._alive_pos.clone()
         for ch in self.candidates.nonzero().flatten().tolist():
-            if keep[ch] and all(int(alive[a]) - cnt >= self.min_channels for a, cnt in self._members[ch]):
+            if keep[ch] and self._fits(ch, alive):
                 keep[ch] = False
-                for a, cnt in self._members[ch]:
-                    alive[a] -= cnt
+                self._take(ch, alive)
         return self.cost.ratios(keep)[resource]
 
     # ------------------------------------------------------------------ #
@@ -186,14 +191,13 @@ class GroupFisherPruner:
             for ch in order.tolist():
                 if not torch.isfinite(scores[ch]):
                     break
-                if self._removable(ch):
+                if self._fits(ch, self._alive_pos):
                     chosen = ch
                     break
             if chosen is None:
                 break
             self.keep[chosen] = False
-            for a, cnt in self._members[chosen]:
-                self._alive_pos[a] -= cnt
+            self._take(chosen, self._alive_pos)
             g = self.graph.groups[self.graph.group_index(chosen)]
             entry = {'step': self.steps, 'channel': chosen, 'group': g.name, 'index': chosen - g.offset,
                      'score': float(scores[chosen]), 'fisher': float(importance[chosen])}
@@ -266,6 +270,5 @@ class GroupFisherPruner:
         self.history = [dict(h) for h in state['history']]
         self._alive_pos = self._member_sizes.clone()
         for ch in (~self.keep).nonzero().flatten().tolist():
-            for a, cnt in self._members[ch]:
-                self._alive_pos[a] -= cnt
+            self._take(ch, self._alive_pos)
         self.consumers.set_keep(self.keep)
