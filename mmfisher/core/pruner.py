@@ -18,7 +18,7 @@ with fewer than ``min_channels`` channels, then resets the accumulated Fisher.
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -70,6 +70,7 @@ class GroupFisherPruner:
         self.cost = CostModel(model, graph)
         U = graph.num_channels
         self.keep = torch.ones(U, dtype=torch.bool)
+        self._ratios: Optional[Tuple[int, Dict[str, float]]] = None   # (channels removed, ratios)
         self.history: List[Dict[str, Any]] = []
         self.steps = 0
         self.candidates = self._candidates(internal_only, exclude)
@@ -152,8 +153,14 @@ class GroupFisherPruner:
         self.fisher.accumulate()
 
     def ratios(self) -> Dict[str, float]:
-        """Current ``{'flops', 'memory', 'params'}`` as fractions of the unpruned model."""
-        return self.cost.ratios(self.keep)
+        """Current ``{'flops', 'memory', 'params'}`` as fractions of the unpruned model.
+
+        Asked every training iteration (hook, stop criterion) but changed only by a step:
+        measured again only when the number of removed channels changed."""
+        removed = int((~self.keep).sum())
+        if self._ratios is None or self._ratios[0] != removed:
+            self._ratios = (removed, self.cost.ratios(self.keep))
+        return dict(self._ratios[1])
 
     def reached(self) -> bool:
         if self.target is None:
@@ -263,6 +270,7 @@ class GroupFisherPruner:
                     detail = f': {len(sig["groups"])} groups in the state, {len(mine["groups"])} here'
             raise ValueError('pruning state does not belong to this architecture' + detail)
         self.keep = state['keep'].clone().bool()
+        self._ratios = None
         self.fisher.accum = state['importance'].clone().double()
         self.fisher.samples = int(state['samples'])
         self.fisher.passes = int(state['passes'])
