@@ -30,6 +30,13 @@ class ResNetish(nn.Module):
         return self.head(F.relu(self.gn(self.gconv(F.relu(self.c3(s))))))
 
 
+def set_fisher(pruner, values):
+    """Accumulated Fisher as if one valid pass had given every channel a gradient signal."""
+    pruner.fisher.accum = values
+    pruner.fisher.evidence[:] = True
+    pruner.fisher.valid_passes = 1
+
+
 def make(seed=0, **kw):
     torch.manual_seed(seed)
     model = ResNetish()
@@ -76,9 +83,31 @@ def test_flops_and_memory_by_hand():
     assert pruner.cost.saving('memory', pruner.keep)[stream.offset] == 2 * hw
 
 
+def test_transposed_conv_flops_count_input_positions():
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Conv2d(3, 4, 3, padding=1)
+            self.up = nn.ConvTranspose2d(4, 6, 2, stride=2)
+            self.b = nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            return self.b(F.relu(self.up(F.relu(self.a(x)))))
+
+    model = Up()
+    graph = analyse(model, torch.randn(1, 3, 8, 8))
+    cost = CostModel(model, graph)
+    # every one of the 8x8 input positions meets the 2x2 kernel once: 64 * 4 * 6 * 4 MACs (not 16x16 * ...)
+    assert cost.original['flops'] == 64 * 9 * 3 * 4 + 64 * 4 * 6 * 4 + 256 * 6 * 2
+    assert cost.original['memory'] == 64 * 4 + 256 * 6 + 256 * 2
+    # removing one of up's output channels saves its 64*4*4 MACs and b's 256*2 MACs
+    ch = graph.group('up').offset
+    assert cost.saving('flops', torch.ones(graph.num_channels, dtype=torch.bool))[ch] == 64 * 4 * 4 + 256 * 2
+
+
 def test_decision_is_the_global_argmin_of_normalised_fisher():
     model, graph, pruner = make(normalization='flops')
-    pruner.fisher.accum = torch.rand(graph.num_channels, dtype=torch.float64) + 1
+    set_fisher(pruner, torch.rand(graph.num_channels, dtype=torch.float64) + 1)
     c1 = graph.group('c1')
     pruner.fisher.accum[c1.offset + 3] = 1e-9
     removed = pruner.step()
@@ -87,7 +116,7 @@ def test_decision_is_the_global_argmin_of_normalised_fisher():
     assert float(pruner.fisher.accum.sum()) == 0  # reset after a step
     # with a reduce (e.g. a DDP all-reduce) the reduced importance decides
     target = graph.group('stem').offset + 5
-    pruner.fisher.accum = torch.ones(graph.num_channels, dtype=torch.float64)
+    set_fisher(pruner, torch.ones(graph.num_channels, dtype=torch.float64))
 
     def reduce(imp):
         imp = imp.clone()
@@ -99,7 +128,7 @@ def test_decision_is_the_global_argmin_of_normalised_fisher():
 def test_never_empties_a_layer_and_respects_min_channels():
     for min_channels in (1, 2):
         model, graph, pruner = make(min_channels=min_channels)
-        pruner.fisher.accum = torch.rand(graph.num_channels, dtype=torch.float64)
+        set_fisher(pruner, torch.rand(graph.num_channels, dtype=torch.float64))
         pruner.step(10_000)
         compact = pruner.export()
         for m in compact.modules():
@@ -163,7 +192,7 @@ def test_state_of_another_architecture_is_refused():
 
 def test_export_rounds_channel_counts_to_a_divisor():
     model, graph, pruner = make()
-    pruner.fisher.accum = torch.rand(graph.num_channels, dtype=torch.float64)
+    set_fisher(pruner, torch.rand(graph.num_channels, dtype=torch.float64))
     pruner.step(5)
     stream, c1 = graph.group('stem'), graph.group('c1')
     counts = {g.name: int(pruner.keep[g.offset:g.offset + g.size].sum()) for g in (stream, c1)}

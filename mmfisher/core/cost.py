@@ -4,7 +4,8 @@ Counted per input sample of the analysed shape (the example input's batch is
 divided out):
 
 * FLOPs: multiply-accumulates of conv and linear layers,
-  ``rows * kernel * out * in / groups`` per call (``rows``: output positions).
+  ``positions * kernel * out * in / groups`` per call (``positions``: output positions; input
+  positions for a transposed conv, whose every input position meets every kernel element once).
 * memory: feature-map elements written by conv and linear layers (the paper's
   memory cost: n*h*w per producing layer and channel).
 * params: all parameters of the model; conv/linear weights and biases and norm
@@ -16,6 +17,7 @@ FLOPs a channel costs depend on how many channels its neighbours still have.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, List
 
@@ -32,6 +34,7 @@ class _Layer:
     out_idx: torch.Tensor      # [out] flat channel of each output position (U = untracked)
     in_idx: torch.Tensor       # [in]
     rows: float                # output positions per sample, summed over calls
+    flop_rows: float           # positions the kernel is applied at (input positions for a transposed conv)
     kernel: int                # kernel elements (1 for linear)
     ipg: int                   # input channels per group
     grouped: bool
@@ -57,6 +60,9 @@ class CostModel:
                 out_idx = self._ext(graph.arrays[(name, 'out')].channel, U)
                 in_idx = self._ext(graph.arrays[(name, 'in')].channel, U)
                 rows = sum(c.rows for c in rec.calls) / batch
+                flop_rows = rows
+                if isinstance(m, nn.modules.conv._ConvTransposeNd):
+                    flop_rows = sum(math.prod(c.in_shape) // c.in_shape[1] for c in rec.calls) / batch
                 if rec.kind == 'conv':
                     kernel = int(torch.tensor(m.kernel_size).prod())
                     groups = m.groups
@@ -64,7 +70,7 @@ class CostModel:
                     kernel, groups = 1, 1
                 ou, on = self._counts(out_idx, U)
                 iu, inn = self._counts(in_idx, U)
-                self.layers.append(_Layer(out_idx, in_idx, rows, kernel, in_idx.numel() // groups, groups > 1,
+                self.layers.append(_Layer(out_idx, in_idx, rows, flop_rows, kernel, in_idx.numel() // groups, groups > 1,
                                           getattr(m, 'bias', None) is not None, ou, on, iu, inn))
             elif rec.kind == 'norm' and getattr(m, 'weight', None) is not None:
                 self.norms.append(self._ext(graph.arrays[(name, 'feat')].channel, U))
@@ -103,7 +109,7 @@ class CostModel:
         for L in self.layers:
             n_out = float(alive[L.out_idx].sum())
             per_out = L.ipg if L.grouped else float(alive[L.in_idx].sum())
-            flops += L.rows * L.kernel * n_out * per_out
+            flops += L.flop_rows * L.kernel * n_out * per_out
             memory += L.rows * n_out
             params += L.kernel * n_out * per_out + (n_out if L.bias else 0.0)
         for idx in self.norms:
@@ -132,7 +138,7 @@ class CostModel:
         alive = self._alive(keep)
         out = torch.zeros(U + 1, dtype=torch.float64)
         for L in self.layers:
-            scale = (L.rows if kind == 'flops' else 1.0) * L.kernel
+            scale = (L.flop_rows if kind == 'flops' else 1.0) * L.kernel
             if L.grouped:
                 out.index_add_(0, L.out_u, L.out_n * (scale * L.ipg))
             else:

@@ -20,7 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .trace import ChannelTracer, ModuleRecord
+from .trace import ChannelTracer, ModuleRecord, handler_for
 
 
 @dataclass
@@ -152,6 +152,28 @@ class CouplingGraph:
             if grp.prunable:
                 prunable[grp.offset:grp.offset + grp.size] = True
         self.prunable = prunable
+        self.row_level = self._row_level()
+
+    def _row_level(self) -> Dict[str, Optional[str]]:
+        """Conv/linear layers whose input rows are not the samples of the batch (RoI heads).
+
+        ``name -> row source``: the module (an RoI extractor, whose handler maps its output rows to
+        samples) that wrote as many rows in the trace, or None when no such module did (those rows
+        cannot be mapped to samples; their Fisher is squared per row)."""
+        sources: Dict[int, str] = {}
+        for name, rec in self.records.items():
+            h = handler_for(rec.module)
+            if h is not None and h.maps_rows():
+                for call in rec.calls:
+                    sources.setdefault(int(call.out_shape[0]), name)
+        out: Dict[str, Optional[str]] = {}
+        for name, rec in self.records.items():
+            if rec.kind not in ('conv', 'linear') or self.batch_size is None:
+                continue
+            rows = [int(c.in_shape[0]) for c in rec.calls if len(c.in_shape) >= 2]
+            if any(r != self.batch_size for r in rows):
+                out[name] = next((sources[r] for r in rows if r in sources), None)
+        return out
 
     # ------------------------------------------------------------------ #
     def group(self, name: str) -> ChannelGroup:
@@ -212,6 +234,12 @@ class CouplingGraph:
                 lines.append(f'    consumers: {", ".join(g.consumers)}')
             if g.norms:
                 lines.append(f'    per-channel: {", ".join(g.norms)}')
+        for name, source in self.row_level.items():
+            if source is not None:
+                lines.append(f'rows of {name} are RoIs of {source}: their Fisher is summed per image')
+            else:
+                lines.append(f'rows of {name} are not images and cannot be mapped to them: '
+                             f'its Fisher is squared per row')
         s = self.summary()
         lines.append(f'{s["prunable_groups"]}/{s["groups"]} groups prunable, '
                      f'{s["prunable_layers"]}/{s["layers"]} conv/linear layers prunable '

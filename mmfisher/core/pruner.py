@@ -18,6 +18,7 @@ with fewer than ``min_channels`` channels, then resets the accumulated Fisher.
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -73,6 +74,9 @@ class GroupFisherPruner:
         self._ratios: Optional[Tuple[int, Dict[str, float]]] = None   # (channels removed, ratios)
         self.history: List[Dict[str, Any]] = []
         self.steps = 0
+        self.status: Optional[str] = None          # what the last step() did
+        self.postponed_reason: Optional[str] = None
+        self.postponed = 0                         # steps postponed so far
         self.candidates = self._candidates(internal_only, exclude)
         self._build_members()
         self._alive_pos = self._member_sizes.clone()
@@ -168,34 +172,64 @@ class GroupFisherPruner:
         resource, ratio = self.target
         return self.ratios()[resource] <= ratio
 
-    def scores(self, importance: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``[num_channels]`` normalised scores (inf where a channel may not be removed now)."""
+    def scores(self, importance: Optional[torch.Tensor] = None, evidence: Optional[torch.Tensor] = None,
+               saving: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``[num_channels]`` normalised scores (inf where a channel may not be removed now: not a
+        candidate, already removed, or no gradient evidence since the last step)."""
         imp = self.fisher.accum if importance is None else importance
-        saving = self.cost.saving(self.normalization, self.keep)
+        ev = self.fisher.evidence if evidence is None else evidence
+        saving = self.cost.saving(self.normalization, self.keep) if saving is None else saving
         s = imp.double() / saving.clamp_min(1e-12)
-        s[~(self.candidates & self.keep)] = float('inf')
+        s[~(self.candidates & self.keep & ev)] = float('inf')
         s[~torch.isfinite(imp.double())] = float('inf')
         return s
+
+    def _order(self, scores: torch.Tensor, saving: torch.Tensor) -> torch.Tensor:
+        """Channels by score; equal scores by larger saving, then in a random order that is the same
+        on every rank and run (seeded by the step count and the channels removed), never by index."""
+        g = torch.Generator().manual_seed(1_000_003 * (self.steps + 1) + len(self.history))
+        order = torch.randperm(scores.numel(), generator=g)
+        order = order[torch.argsort(-saving[order], stable=True)]
+        return order[torch.argsort(scores[order], stable=True)]
 
     def step(self, num_channels: int = 1, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
              ) -> List[Dict[str, Any]]:
         """Remove up to ``num_channels`` channels, globally least important first.
 
-        ``reduce``: applied to the accumulated Fisher before deciding (e.g. a sum over DDP ranks),
-        so every rank takes the same decision. Costs are re-measured after each removal and the
-        accumulated Fisher is reset afterwards. Stops early at the target.
+        ``reduce``: applied to the accumulated evidence (Fisher, evidence, valid passes in one
+        float64 vector) before deciding (e.g. a sum over DDP ranks), so every rank takes the same
+        decision. Costs are re-measured after each removal and the accumulated Fisher is reset
+        afterwards. Stops early at the target.
+
+        ``self.status`` tells what happened: 'removed', 'reached' (nothing to do), 'exhausted' (no
+        candidate can lose a channel under ``min_channels``) or 'postponed' (no finite pass since the
+        last step, or no removable channel got a gradient signal: nothing is decided, the Fisher
+        keeps accumulating, ``self.postponed_reason`` says why).
         """
-        importance = self.fisher.accum.clone()
+        U = self.graph.num_channels
+        f = self.fisher
+        packed = torch.cat([f.accum.double(), f.evidence.double(), torch.tensor([float(f.valid_passes)])])
         if reduce is not None:
-            importance = reduce(importance)
+            packed = reduce(packed)
+        importance, evidence, valid = packed[:U], packed[U:2 * U] > 0, int(packed[2 * U])
+        self.postponed_reason = None
+        if self.reached():
+            self.status = 'reached'
+            return []
+        if not any(self._fits(ch, self._alive_pos) for ch in (self.candidates & self.keep).nonzero().flatten().tolist()):
+            self.status = 'exhausted'
+            return []
+        if valid == 0:
+            return self._postpone('no pass with a finite Fisher since the last step')
         removed = []
         for _ in range(int(num_channels)):
             if self.reached():
                 break
-            scores = self.scores(importance)
-            order = torch.argsort(scores, stable=True)
+            saving = self.cost.saving(self.normalization, self.keep)
+            scores = self.scores(importance, evidence, saving)
+            tie = saving if self.normalization != 'none' else self.cost.saving('memory', self.keep)
             chosen = None
-            for ch in order.tolist():
+            for ch in self._order(scores, tie).tolist():
                 if not torch.isfinite(scores[ch]):
                     break
                 if self._fits(ch, self._alive_pos):
@@ -210,10 +244,24 @@ class GroupFisherPruner:
                      'score': float(scores[chosen]), 'fisher': float(importance[chosen])}
             self.history.append(entry)
             removed.append(entry)
+        if not removed:
+            return self._postpone('no removable channel got a gradient signal since the last step')
+        if all(e['fisher'] == 0.0 for e in removed):
+            warnings.warn(f'mmfisher: step {self.steps}: every removed channel ({len(removed)}) had Fisher 0 '
+                          f'(no effect on the loss: dead channels); equal scores went to the larger saving, then '
+                          f'to a seeded random order')
+        self.status = 'removed'
         self.steps += 1
         self.consumers.set_keep(self.keep)
         self.fisher.reset()
         return removed
+
+    def _postpone(self, reason: str) -> List[Dict[str, Any]]:
+        self.status = 'postponed'
+        self.postponed_reason = reason
+        self.postponed += 1
+        warnings.warn(f'mmfisher: pruning step postponed: {reason}')
+        return []
 
     # ------------------------------------------------------------------ #
     def export_keep(self, divisor: Optional[int] = None) -> torch.Tensor:
@@ -245,10 +293,9 @@ class GroupFisherPruner:
         """Tensors and plain Python data only (loads under ``torch.load(weights_only=True)``)."""
         return {
             'keep': self.keep.clone(),
-            'importance': self.fisher.accum.clone(),
-            'samples': int(self.fisher.samples),
-            'passes': int(self.fisher.passes),
+            **self.fisher.state_dict(),
             'steps': int(self.steps),
+            'postponed': int(self.postponed),
             'history': [dict(h) for h in self.history],
             'normalization': self.normalization,
             'min_channels': self.min_channels,
@@ -271,10 +318,9 @@ class GroupFisherPruner:
             raise ValueError('pruning state does not belong to this architecture' + detail)
         self.keep = state['keep'].clone().bool()
         self._ratios = None
-        self.fisher.accum = state['importance'].clone().double()
-        self.fisher.samples = int(state['samples'])
-        self.fisher.passes = int(state['passes'])
+        self.fisher.load_state_dict(state)
         self.steps = int(state['steps'])
+        self.postponed = int(state.get('postponed', 0))
         self.history = [dict(h) for h in state['history']]
         self._alive_pos = self._member_sizes.clone()
         for ch in (~self.keep).nonzero().flatten().tolist():

@@ -149,6 +149,18 @@ class ModuleHandler:
         """``keep[role]``: LongTensor of kept positions of that channel array."""
         raise NotImplementedError
 
+    def sample_rows(self, module: nn.Module, args: tuple, output: Any) -> Optional[Tuple[torch.Tensor, int]]:
+        """For a module whose output rows are not the samples of the batch (an RoI extractor: one row
+        per RoI), ``(sample index of every output row [R] LongTensor, number of samples)``; None if
+        its rows are the samples. The Fisher of the layers reading those rows is then summed per
+        sample before it is squared."""
+        return None
+
+    @classmethod
+    def maps_rows(cls) -> bool:
+        """Whether this handler overrides :meth:`sample_rows`."""
+        return cls.sample_rows is not ModuleHandler.sample_rows
+
 
 _HANDLERS: List[Tuple[type, ModuleHandler]] = []
 

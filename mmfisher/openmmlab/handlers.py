@@ -34,6 +34,14 @@ class RoIExtractorHandler(ModuleHandler):
     def shrink(self, module, keep: Dict[str, torch.Tensor]) -> None:
         module.out_channels = int(keep['feat'].numel())
 
+    def sample_rows(self, module, args: tuple, output: Any):
+        """mmdet's rois are ``[R, 5]`` with the image index in column 0."""
+        feats = _flat_tensors(args[0], [])
+        rois = args[1] if len(args) > 1 else None
+        if not feats or not isinstance(rois, torch.Tensor) or rois.dim() != 2 or rois.shape[1] != 5:
+            return None
+        return rois[:, 0].detach().long(), int(feats[0].shape[0])
+
 
 def register_openmmlab_handlers() -> None:
     try:
