@@ -51,7 +51,7 @@ def prune(work, data_root, normalization, per_step, redo):
          f'test_dataloader.dataset.data_root={r}', f'val_evaluator.ann_file={r}annotations/instances_val2017.json',
          'train_dataloader.batch_size=2', 'train_dataloader.num_workers=0',
          'train_dataloader.persistent_workers=False', 'train_dataloader.dataset.pipeline.2.scale=(320,320)',
-         'train_cfg.max_epochs=1000', 'train_cfg.val_interval=100000',
+         'train_cfg.max_iters=100000', 'train_cfg.val_interval=100000',
          'default_hooks.checkpoint.interval=100000', 'default_hooks.logger.interval=10',
          'custom_hooks.1.interval=1', f'custom_hooks.1.channels_per_step={per_step}',
          f'custom_hooks.1.normalization={normalization}', 'custom_hooks.1.save_ratios=[]'])

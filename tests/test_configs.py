@@ -72,6 +72,11 @@ def test_prune_then_finetune_config(prune_path, data, tmp_path):
     hook = [h for h in cfg.custom_hooks if h['type'] == 'FisherPruningHook'][0]
     assert hook['target'] == ('flops', 0.5) and hook['normalization'] == 'memory'
     assert hook['interval'] in (10, 25)
+    if cfg.default_scope == 'mmdet':
+        # the paper's recipe: nothing frozen while pruning; an iteration-based loop that ends at the target
+        assert cfg.model.backbone.frozen_stages == -1
+        assert cfg.train_cfg.type == 'IterBasedTrainLoop' and cfg.log_processor.by_epoch is False
+        assert cfg.default_hooks.checkpoint.by_epoch is False
     name = osp.basename(prune_path)[:-3]
     cfg = _small(cfg, data, tmp_path / 'prune', name)
     hook.update(interval=1, channels_per_step=1000, target=('flops', 0.9), save_ratios=[0.95])
@@ -88,6 +93,8 @@ def test_prune_then_finetune_config(prune_path, data, tmp_path):
     for m in (arch, pruned_model):   # the prune config skips the ImageNet init its load_from overrides
         m.backbone.pop('init_cfg', None)
     assert arch == pruned_model
+    if ft.default_scope == 'mmdet':
+        assert arch.backbone.frozen_stages == -1
     ft = _small(ft, data, tmp_path / 'finetune', name + '_ft')
     ft.model.channel_spec = str(pruned)
     ft.load_from = str(pruned)

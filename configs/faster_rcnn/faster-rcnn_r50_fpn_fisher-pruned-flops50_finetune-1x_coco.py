@@ -4,5 +4,7 @@
 _base_ = ['mmdet::faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py', '../_base_/mmfisher_runtime.py']
 
 pruned = 'work_dirs/faster-rcnn_r50_fpn_fisher-prune-flops50_coco/pruned_flops_0.50.pth'
-model = dict(_delete_=True, type='PrunedModel', architecture=_base_.model, channel_spec=pruned)
+# nothing frozen, as while pruning (the paper's recipe): the pruned stem and layer1 keep learning
+model = dict(_delete_=True, type='PrunedModel', channel_spec=pruned,
+             architecture=dict(_base_.model, backbone=dict(_base_.model.backbone, frozen_stages=-1)))
 load_from = pruned

@@ -30,6 +30,42 @@ def _unwrap(model):
     return model.module if is_model_wrapper(model) else model
 
 
+def _by_epoch(loop) -> bool:
+    """Whether ``loop`` counts in epochs (its checkpoints are ``epoch_N.pth``)."""
+    from mmengine.runner import EpochBasedTrainLoop, IterBasedTrainLoop
+    if isinstance(loop, EpochBasedTrainLoop):
+        return True
+    if isinstance(loop, IterBasedTrainLoop):
+        return False
+    return hasattr(loop, 'max_epochs') and not hasattr(loop, 'dataloader_iterator')
+
+
+class _StoppableLoader:
+    """The train dataloader of an epoch-based loop, ending the epoch as soon as ``stop`` is set.
+
+    mmengine's ``stop_training`` is only read between epochs; a COCO epoch is thousands of
+    iterations. Everything but iteration is the wrapped loader's (``len``, ``sampler``, ``dataset``).
+    """
+
+    def __init__(self, loader) -> None:
+        self.loader = loader
+        self.stop = False
+
+    def __iter__(self):
+        for batch in self.loader:
+            if self.stop:
+                break
+            yield batch
+            if self.stop:
+                break
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__['loader'], name)
+
+
 @HOOKS.register_module()
 class SafeCheckpointHook(Hook):
     """Make every checkpoint the runner writes loadable with ``torch.load(weights_only=True)``.
@@ -140,6 +176,9 @@ class FisherPruningHook(Hook):
         self.internal_only = bool(internal_only)
         self.exclude = tuple(exclude)
         self.frozen_every = self.interval if frozen_every is None else int(frozen_every)
+        if self.frozen_every < 1 or self.interval % self.frozen_every:
+            raise ValueError(f'frozen_every={frozen_every} must be a positive divisor of interval={self.interval}: '
+                             f'frozen layers are then scored the same number of times in every interval')
         self.input_shape = tuple(input_shape) if input_shape is not None else None
         if round_to is not None and int(round_to) < 1:
             raise ValueError(f'round_to={round_to} must be a positive channel count (e.g. 8, 16, 32)')
@@ -176,6 +215,10 @@ class FisherPruningHook(Hook):
 
     def before_train(self, runner) -> None:
         model = _unwrap(runner.model)
+        loop = runner.train_loop
+        if self.stop_at_target and _by_epoch(loop) and not isinstance(getattr(loop, 'dataloader', None),
+                                                                        _StoppableLoader):
+            loop.dataloader = _StoppableLoader(loop.dataloader)
         t0 = time.perf_counter()
         hw = self._analysis_shape(runner)
         graph = analyse(model, forward=example_forward(model, (1, 3) + tuple(hw)))
@@ -206,6 +249,10 @@ class FisherPruningHook(Hook):
                                  f'no pruned checkpoint was written for it: remove it from save_ratios')
         self.pruner.attach()
         self._publish(runner)
+        if self._stopped and self.stop_at_target:
+            runner.logger.info(f'[mmfisher] the resumed run had already ended pruning ({self._ratio_text()}): '
+                               f'ending training at once')
+            self._stop(runner)
 
     @staticmethod
     def _key(r: float) -> str:
@@ -219,6 +266,7 @@ class FisherPruningHook(Hook):
         r = self.pruner.ratios()
         hub = runner.message_hub
         hub.update_scalar('train/pruned_channels', float(len(self.pruner.history)))
+        hub.update_scalar('train/postponed_steps', float(self.pruner.postponed))
         for k in RESOURCES:
             hub.update_scalar(f'train/{k}_ratio', float(r[k]))
 
@@ -236,6 +284,10 @@ class FisherPruningHook(Hook):
         removed = pruner.step(self._step_size(), reduce=self._reduce)
         self._check_ranks_agree()
         self._publish(runner)
+        if pruner.status == 'postponed':
+            runner.logger.warning(f'[mmfisher] iter {runner.iter + 1}: pruning step postponed '
+                                  f'({pruner.postponed_reason}); {pruner.postponed} postponed so far')
+            return
         if removed:
             runner.logger.info(f'[mmfisher] iter {runner.iter + 1}: removed {len(removed)} channel(s) '
                                f'(first: {removed[0]["group"]}[{removed[0]["index"]}]), '
@@ -244,14 +296,23 @@ class FisherPruningHook(Hook):
         for r in self.save_ratios:
             if current <= r and self._key(r) not in self.saved:
                 self.saved[self._key(r)] = self._write_pruned(runner, r)
-        if pruner.reached() or not removed:
-            if not removed:
+        if pruner.reached() or pruner.status == 'exhausted':
+            if pruner.status == 'exhausted':
                 runner.logger.warning('[mmfisher] no channel can be removed any more (min_channels)')
             if self.stop_at_target:
-                runner.logger.info(f'[mmfisher] target {self.target[0]} {self.target[1]} reached at iter '
-                                   f'{runner.iter + 1}: ending training')
-                runner.train_loop.stop_training = True
-                self._stopped = True
+                why = f'target {self.target[0]} {self.target[1]} reached' if pruner.reached() else \
+                    'nothing left to prune'
+                runner.logger.info(f'[mmfisher] {why} at iter {runner.iter + 1}: ending training')
+                self._stop(runner)
+
+    def _stop(self, runner) -> None:
+        """End the train loop now: after this iteration in an iteration-based loop, and without the
+        rest of the epoch in an epoch-based one."""
+        loop = runner.train_loop
+        loop.stop_training = True
+        if isinstance(getattr(loop, 'dataloader', None), _StoppableLoader):
+            loop.dataloader.stop = True
+        self._stopped = True
 
     def _step_size(self) -> int:
         """A count, or a fraction of the channels still removable (at least one)."""
@@ -316,6 +377,9 @@ class FisherPruningHook(Hook):
         if self.pruner is None:
             return
         self.pruner.detach()
+        loop = runner.train_loop
+        if isinstance(getattr(loop, 'dataloader', None), _StoppableLoader):
+            loop.dataloader = loop.dataloader.loader
         if self._stopped:
             self._save_final_checkpoint(runner)
         if not self.pruner.reached():
@@ -324,12 +388,14 @@ class FisherPruningHook(Hook):
 
     def _save_final_checkpoint(self, runner) -> None:
         """The loop ended early at the target: the regular checkpoint hook did not save this point."""
-        by_epoch = not hasattr(runner.train_loop, 'max_iters')
+        by_epoch = _by_epoch(runner.train_loop)
         name = f'epoch_{runner.epoch}.pth' if by_epoch else f'iter_{runner.iter}.pth'
         path = osp.join(runner.work_dir, name)
-        if osp.exists(path):
-            return
-        runner.save_checkpoint(runner.work_dir, name, save_optimizer=True, save_param_scheduler=True)
+        if osp.exists(path) and runner.message_hub.get_info('last_ckpt') == path:
+            return      # the checkpoint hook of this run saved this point already
+        # after the loop, runner.epoch / runner.iter already count the last (shortened) epoch / iteration
+        runner.save_checkpoint(runner.work_dir, name, save_optimizer=True, save_param_scheduler=True,
+                               meta=dict(epoch=runner.epoch, iter=runner.iter), by_epoch=by_epoch)
         if is_main_process():
             with open(osp.join(runner.work_dir, 'last_checkpoint'), 'w') as f:
                 f.write(path)
