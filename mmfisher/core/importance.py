@@ -113,9 +113,7 @@ class FisherImportance:
         if x.requires_grad:
             x = x.view_as(x)
         else:
-            if self._pass_frozen.device != c.index.device:
-                self._pass_frozen = self._pass_frozen.to(c.index.device)
-            self._pass_frozen[c.index] = True
+            self._pass_frozen[c.index] = True     # both on the CPU, like the graph
             if not self.scoring_pass():
                 return x
             x = x.detach().requires_grad_()
@@ -184,10 +182,9 @@ class FisherImportance:
             self.frozen = self._pass_frozen[:U].cpu().clone()
             self.frozen_known = True
         sq = torch.zeros(U, dtype=torch.float64)
-        n_samples = 0
         for (n, _), buf in self._buffers.items():
             sq += buf[:, :-1].double().pow(2).sum(0).cpu()
-            n_samples = max(n_samples, n)
+        n_samples = min((n for n, _ in self._buffers), default=0)   # images (unmapped rows aside)
         live = torch.zeros(U, dtype=torch.bool)
         for v in self._live.values():
             live |= v[:U].cpu() > 0
