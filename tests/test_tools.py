@@ -22,6 +22,21 @@ def test_print_groups_on_retinanet(tmp_path):
     assert data['summary']['prunable_groups'] == 47 and len(data['groups']) == 49
 
 
+def test_print_groups_takes_cfg_options_as_mmengine_tools_do(tmp_path):
+    """Values are parsed by mmengine's DictAction, never evaluated as Python."""
+    cfg = config_path('mmdet', 'retinanet/retinanet_r50_fpn_1x_coco.py')
+    marker = tmp_path / 'evaluated'
+    subprocess.run([sys.executable, 'tools/analysis_tools/print_groups.py', cfg, '--shape', '96', '96',
+                    '--cfg-options', f"model.bbox_head.stacked_convs=(__import__('pathlib').Path('{marker}').touch() or 2)"],
+                   cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert not marker.exists()
+    res = subprocess.run([sys.executable, 'tools/analysis_tools/print_groups.py', cfg, '--shape', '96', '96',
+                          '--cfg-options', 'model.bbox_head.stacked_convs=2'],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert '43/45 groups prunable, 67/67 conv/linear' in res.stdout   # two head convs fewer per branch
+
+
 def test_print_groups_missing_config_is_a_clear_error():
     res = subprocess.run([sys.executable, 'tools/analysis_tools/print_groups.py', 'no/such.py'], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)

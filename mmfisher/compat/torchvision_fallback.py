@@ -4,8 +4,10 @@ mmpretrain imports torchvision at module level (box ops for grounding metrics,
 ``transforms`` for wrappers and one MAE transform), although image
 classification with its own transforms does not use it. torchvision's PyPI
 wheel does not load beside the CPU torch this project installs, so mmfisher does
-not depend on it. When (and only when) torchvision is not installed,
-:func:`install` registers a small ``torchvision`` package in ``sys.modules``:
+not depend on it. :func:`install` is called just before mmpretrain is imported, and only when
+torchvision is not installed; it registers a small ``torchvision`` package in ``sys.modules``,
+with proper module specs (``importlib.util.find_spec('torchvision')`` works and names the
+fallback):
 
 * ``torchvision.ops.boxes``: ``box_area``, ``box_iou``, ``generalized_box_iou``,
   ``_upcast`` -- real implementations (a few lines of torch);
@@ -16,11 +18,12 @@ not depend on it. When (and only when) torchvision is not installed,
   ImportError naming torchvision when it is *used*, so a config that needs it
   fails clearly instead of silently.
 
-With torchvision installed, nothing is changed.
+With torchvision installed (even one that fails to load), nothing is changed.
 """
 from __future__ import annotations
 
 import enum
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -101,13 +104,25 @@ def _module(name: str, **attrs) -> types.ModuleType:
     mod = types.ModuleType(name)
     mod.__dict__.update(attrs)
     mod.__file__ = __file__
+    mod.__spec__ = importlib.machinery.ModuleSpec(name, None, origin=__file__, is_package=True)
+    mod.__path__ = []          # a package: its submodules are the ones registered below
     mod.__mmfisher_fallback__ = True
     return mod
 
 
+def installed() -> bool:
+    """Whether the torchvision in ``sys.modules`` is this fallback."""
+    return bool(getattr(sys.modules.get('torchvision'), '__mmfisher_fallback__', False))
+
+
 def install() -> bool:
     """Register the fallback if torchvision is absent; returns True if it did."""
-    if 'torchvision' in sys.modules or importlib.util.find_spec('torchvision') is not None:
+    if 'torchvision' in sys.modules:
+        return False
+    try:
+        if importlib.util.find_spec('torchvision') is not None:
+            return False       # a real torchvision: never shadowed
+    except (ImportError, ValueError):
         return False
     boxes = _module('torchvision.ops.boxes', box_area=box_area, box_iou=box_iou,
                     generalized_box_iou=generalized_box_iou, _upcast=_upcast)

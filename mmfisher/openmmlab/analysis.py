@@ -19,10 +19,12 @@ from ..core import CouplingGraph, analyse
 def register_all_modules() -> None:
     """Register mmdet's and mmpretrain's modules (whichever are installed) and mmfisher's."""
     import importlib
+    import importlib.util
 
     from ..compat import torchvision_fallback
-    torchvision_fallback.install()
     for scope in ('mmdet', 'mmpretrain'):
+        if scope == 'mmpretrain' and importlib.util.find_spec('mmpretrain') is not None:
+            torchvision_fallback.install()   # mmpretrain imports torchvision; only it needs the fallback
         try:
             mod = importlib.import_module(f'{scope}.utils')
             mod.register_all_modules(init_default_scope=False)

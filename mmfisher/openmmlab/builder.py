@@ -76,4 +76,17 @@ def build_pruned_model(architecture: dict, channel_spec: Union[str, dict],
     return model
 
 
-MODELS.register_module(name='PrunedModel', module=build_pruned_model, force=True)
+def _register() -> None:
+    """Register ``PrunedModel`` in mmengine's MODELS, never replacing another module of that name
+    (a re-import of this module, e.g. by a reload, replaces only its own earlier registration)."""
+    existing = MODELS.module_dict.get('PrunedModel')
+    if existing is not None:
+        if getattr(existing, '__module__', None) != __name__ or \
+                getattr(existing, '__qualname__', None) != build_pruned_model.__qualname__:
+            raise KeyError(f"mmengine's MODELS registry already holds a 'PrunedModel' "
+                           f'({getattr(existing, "__module__", "?")}.{getattr(existing, "__qualname__", existing)}); '
+                           f"mmfisher will not replace it. Rename one of them.")
+    MODELS.register_module(name='PrunedModel', module=build_pruned_model, force=existing is not None)
+
+
+_register()

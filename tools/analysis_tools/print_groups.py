@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), '..',
 
 
 def parse_args(argv=None):
+    from mmengine.config import DictAction
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('config', help='mmdet or mmpretrain config file')
     p.add_argument('--shape', type=int, nargs='+', default=None,
@@ -24,14 +25,14 @@ def parse_args(argv=None):
                         'detectors, 224 224 for classifiers)')
     p.add_argument('--batch', type=int, default=1, help='example batch size (default: 1)')
     p.add_argument('--json', help='also write the groups as JSON to this file')
-    p.add_argument('--cfg-options', nargs='+', default=[], metavar='KEY=VALUE',
-                   help='override config keys, as in mmdet tools')
+    p.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
+                   help='override config keys, as in mmdet tools (mmengine DictAction syntax)')
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    from mmengine.config import Config, DictAction  # noqa: F401
+    from mmengine.config import Config
 
     from mmfisher.openmmlab import build_from_config, example_forward
     from mmfisher.openmmlab.analysis import default_scope_of
@@ -41,11 +42,7 @@ def main(argv=None):
         sys.exit(f'error: config file {args.config!r} does not exist')
     cfg = Config.fromfile(args.config)
     if args.cfg_options:
-        opts = {}
-        for kv in args.cfg_options:
-            k, _, v = kv.partition('=')
-            opts[k] = eval(v, {}, {}) if v[:1] in '[({0123456789-' or v in ('True', 'False', 'None') else v
-        cfg.merge_from_dict(opts)
+        cfg.merge_from_dict(args.cfg_options)
     t0 = time.perf_counter()
     model = build_from_config(cfg)
     t_build = time.perf_counter() - t0
