@@ -85,3 +85,46 @@ def test_a_final_checkpoint_of_an_earlier_run_is_not_taken_for_this_one(tmp_path
     again.train()
     assert again.iter == stop and last_checkpoint(tmp_path) == f'iter_{stop}.pth'
     assert torch.load(path, weights_only=True)['meta']['iter'] == stop
+
+
+RESUME_HOOK = dict(interval=2, target=('flops', 0.3), channels_per_step=40)
+
+
+def _first_run(tmp_path, shapes):
+    cfg = demo_cfg(shapes, tmp_path / 'a', 8, RESUME_HOOK)
+    cfg.default_hooks.checkpoint.interval = 4
+    Runner.from_cfg(cfg).train()
+    return tmp_path / 'a' / 'iter_4.pth'
+
+
+def _resume(tmp_path, shapes, ckpt, **changes):
+    cfg = demo_cfg(shapes, tmp_path / 'b', 8, dict(RESUME_HOOK, **changes))
+    cfg.resume, cfg.load_from = True, str(ckpt)
+    return Runner.from_cfg(cfg)
+
+
+def test_resume_says_which_options_changed_and_records_them(tmp_path, shapes):
+    register_all_modules()
+    ckpt = _first_run(tmp_path, shapes)
+    assert torch.load(ckpt, weights_only=True)['mmfisher']['options']['interval'] == 2
+    runner = _resume(tmp_path, shapes, ckpt, interval=4, normalization='flops')
+    runner.train()
+    hook = pruning_hook(runner)
+    # frozen_every follows the interval by default, so it changed too
+    assert hook.option_changes == [{'iter': 4, 'changed': {'interval': [2, 4], 'normalization': ['memory', 'flops'],
+                                                           'frozen_every': [2, 4]}}]
+    state = torch.load(tmp_path / 'b' / 'iter_8.pth', weights_only=True)['mmfisher']
+    assert state['options']['interval'] == 4 and state['option_changes'] == hook.option_changes
+
+
+@pytest.mark.parametrize('changes,needle', [
+    (dict(exclude=['backbone'], target=('flops', 0.85)), 'may not be pruned under the new options'),
+    (dict(min_channels=16), 'fewer than min_channels=16'),
+])
+def test_resume_with_options_the_masks_break_fails_before_training(tmp_path, shapes, changes, needle):
+    register_all_modules()
+    ckpt = _first_run(tmp_path, shapes)
+    runner = _resume(tmp_path, shapes, ckpt, **changes)
+    with pytest.raises(ValueError, match=needle):
+        runner.train()
+    assert runner.iter == 4          # not one iteration trained

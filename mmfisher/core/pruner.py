@@ -132,6 +132,25 @@ class GroupFisherPruner:
                 f'more groups (internal_only / exclude).')
         return (resource, ratio)
 
+    def constraint_violations(self) -> List[str]:
+        """What the current masks break under this pruner's options (after a resume with new ones):
+        removed channels of groups that are no longer candidates (``exclude``, ``internal_only``), and
+        layers that lost channels and keep fewer than ``min_channels``. Empty when all is well."""
+        problems = []
+        removed = ~self.keep
+        for g in self.graph.groups:
+            sl = slice(g.offset, g.offset + g.size)
+            if bool((removed[sl] & ~self.candidates[sl]).any()):
+                problems.append(f'group {g.name} lost {int(removed[sl].sum())} channels but may not be pruned '
+                                f'under the new options (exclude / internal_only)')
+        arrays = list(self.graph.arrays.values())
+        for a, arr in enumerate(arrays):
+            alive, size = int(self._alive_pos[a]), int(self._member_sizes[a])
+            if alive < size and alive < self.min_channels:
+                problems.append(f'{arr.module} ({arr.role}) keeps {alive} channels, fewer than '
+                                f'min_channels={self.min_channels}')
+        return problems
+
     def lowest_ratio(self, resource: str) -> float:
         """The ratio left if every candidate channel were removed, honouring ``min_channels`` greedily."""
         keep = self.keep.clone()

@@ -187,6 +187,7 @@ class FisherPruningHook(Hook):
         self.saved: Dict[str, str] = {}      # '%.4f' % ratio -> file written
         self._resume_state: Optional[dict] = None
         self._stopped = False
+        self.option_changes: list = []   # [{'iter', 'changed': {option: [old, new]}}] across resumes
 
     # ---------------------------------------------------------------- set-up
     def _analysis_shape(self, runner) -> Tuple[int, int]:
@@ -239,6 +240,7 @@ class FisherPruningHook(Hook):
         if self._resume_state is not None:
             self.pruner.load_state_dict(self._resume_state['pruner'])
             self.saved = dict(self._resume_state.get('saved', {}))
+            self._resume_options(runner, self._resume_state)
             self._resume_state = None
             runner.logger.info(f'[mmfisher] resumed pruning state: {len(self.pruner.history)} channels removed, '
                                f'{self._ratio_text()}')
@@ -253,6 +255,36 @@ class FisherPruningHook(Hook):
             runner.logger.info(f'[mmfisher] the resumed run had already ended pruning ({self._ratio_text()}): '
                                f'ending training at once')
             self._stop(runner)
+
+    def options(self) -> Dict[str, Any]:
+        """The options that shape the pruning run, as plain data (stored in every checkpoint)."""
+        return {'interval': self.interval, 'target': [self.target[0], self.target[1]],
+                'normalization': self.normalization, 'channels_per_step': self.channels_per_step,
+                'min_channels': self.min_channels, 'internal_only': self.internal_only,
+                'exclude': list(self.exclude), 'frozen_every': self.frozen_every, 'round_to': self.round_to,
+                'stop_at_target': self.stop_at_target}
+
+    def _resume_options(self, runner, state: dict) -> None:
+        """Say which options differ from the resumed run's, refuse those the existing masks break,
+        and record the change (it goes into every pruned checkpoint's meta)."""
+        self.option_changes = [dict(c) for c in state.get('option_changes', [])]
+        old = state.get('options')
+        if old is None:
+            return
+        changed = {k: (old.get(k), v) for k, v in self.options().items() if old.get(k) != v}
+        if not changed:
+            return
+        text = ', '.join(f'{k} {a!r} -> {b!r}' for k, (a, b) in changed.items())
+        problems = self.pruner.constraint_violations()
+        if problems:
+            raise ValueError(f'FisherPruningHook: resumed with changed options ({text}), but the channels '
+                             f'already removed break them: {problems[0]}' +
+                             (f' (and {len(problems) - 1} more)' if len(problems) > 1 else '') +
+                             '. Resume with the original options, or start pruning again.')
+        runner.logger.warning(f'[mmfisher] resumed with changed options: {text}')
+        if 'target' in changed and self._stopped and not self.pruner.reached():
+            self._stopped = False      # the old target was reached, the new one not yet: prune on
+        self.option_changes.append({'iter': int(runner.iter), 'changed': {k: [a, b] for k, (a, b) in changed.items()}})
 
     @staticmethod
     def _key(r: float) -> str:
@@ -362,6 +394,7 @@ class FisherPruningHook(Hook):
                     'iter': runner.iter + 1, 'channels_removed': len(self.pruner.history),
                     'normalization': self.normalization, 'interval': self.interval,
                     'channels_per_step': self.channels_per_step,
+                    'options': self.options(), 'option_changes': [dict(c) for c in self.option_changes],
                     'analysis_input_shape': list(self.analysis_shape),
                 },
             }
@@ -405,6 +438,8 @@ class FisherPruningHook(Hook):
     def before_save_checkpoint(self, runner, checkpoint: dict) -> None:
         if self.pruner is not None:
             checkpoint[STATE_KEY] = {'pruner': self.pruner.state_dict(), 'saved': dict(self.saved),
+                                     'options': self.options(),
+                                     'option_changes': [dict(c) for c in self.option_changes],
                                      'stopped': self._stopped}
 
     def after_load_checkpoint(self, runner, checkpoint: dict) -> None:
