@@ -35,13 +35,14 @@ def loss(out):
     return out.sin().sum()
 
 
-def run_passes(model, graph, x, k, passes):
+def run_passes(model, graph, x, k, passes, loss_fn=loss):
+    """``passes`` backward passes of the batch ``x`` with frozen layers scored every k-th pass."""
     consumers = ConsumerInputs(model, graph)
     fisher = FisherImportance(consumers, frozen_every=k)
     consumers.attach()
     for _ in range(passes):
         model.zero_grad()
-        loss(model(x)).backward()
+        loss_fn(model(x)).backward()
         fisher.accumulate()
     consumers.detach()
     return fisher
@@ -99,14 +100,7 @@ def test_mmdet_resnet18_with_frozen_stem_and_layer1_is_scored_without_bias():
     def loss_resnet(out):
         return (out[0] ** 2).sum()   # a sum over samples: the per-sample reference sees the same loss
 
-    consumers = ConsumerInputs(model, graph)
-    fisher = FisherImportance(consumers, frozen_every=k)
-    consumers.attach()
-    for _ in range(k):
-        model.zero_grad()
-        loss_resnet(model(x)).backward()
-        fisher.accumulate()
-    consumers.detach()
+    fisher = run_passes(model, graph, x, k, k, loss_resnet)
     ref = reference_fisher_fn(model, graph, [x], loss_resnet)
     checked = 0
     for g in graph.groups:

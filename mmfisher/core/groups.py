@@ -152,6 +152,9 @@ class CouplingGraph:
             if grp.prunable:
                 prunable[grp.offset:grp.offset + grp.size] = True
         self.prunable = prunable
+        # modules whose handler maps their output rows to samples (RoI extractors)
+        self.row_sources = [name for name, rec in self.records.items()
+                            for h in [handler_for(rec.module)] if h is not None and h.maps_rows()]
         self.row_level = self._row_level()
 
     def _row_level(self) -> Dict[str, Optional[str]]:
@@ -159,13 +162,13 @@ class CouplingGraph:
 
         ``name -> row source``: the module (an RoI extractor, whose handler maps its output rows to
         samples) that wrote as many rows in the trace, or None when no such module did (those rows
-        cannot be mapped to samples; their Fisher is squared per row)."""
+        cannot be mapped to samples; their Fisher is squared per row). For the report: in training,
+        a layer's rows are mapped by the latest row source that wrote as many rows (the extractor of
+        its own cascade stage)."""
         sources: Dict[int, str] = {}
-        for name, rec in self.records.items():
-            h = handler_for(rec.module)
-            if h is not None and h.maps_rows():
-                for call in rec.calls:
-                    sources.setdefault(int(call.out_shape[0]), name)
+        for name in self.row_sources:
+            for call in self.records[name].calls:
+                sources.setdefault(int(call.out_shape[0]), name)
         out: Dict[str, Optional[str]] = {}
         for name, rec in self.records.items():
             if rec.kind not in ('conv', 'linear') or self.batch_size is None:

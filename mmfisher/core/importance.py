@@ -87,7 +87,7 @@ class FisherImportance:
         self._buffers: Dict[Tuple[int, torch.device], torch.Tensor] = {}
         self._live: Dict[torch.device, torch.Tensor] = {}      # [U + 1] evidence of this pass
         self._pass_frozen = torch.zeros(U + 1, dtype=torch.bool)
-        self._row_maps: List[Tuple[str, torch.Tensor, int]] = []   # (source, image of each row, images)
+        self._row_maps: List[Tuple[torch.Tensor, int]] = []   # (image of each row, images) per row source call
         self._pending: Dict[int, torch.Tensor] = {}
         self._next_key = 0
         self._warned_rows: set = set()
@@ -101,10 +101,10 @@ class FisherImportance:
             return True
         return self.frozen_known and self.passes % self.frozen_every == self.frozen_every - 1
 
-    def observe_rows(self, source: str, rows_to_sample: torch.Tensor, num_samples: int) -> None:
+    def observe_rows(self, rows_to_sample: torch.Tensor, num_samples: int) -> None:
         """A row source (RoI extractor) ran: row r of its output belongs to sample ``rows_to_sample[r]``."""
         if self.enabled and torch.is_grad_enabled():
-            self._row_maps.append((source, rows_to_sample.long(), int(num_samples)))
+            self._row_maps.append((rows_to_sample.long(), int(num_samples)))
 
     def observe(self, c: Consumer, x: torch.Tensor) -> torch.Tensor:
         """Called by the consumer's pre-hook with its (masked) input; returns what the layer reads."""
@@ -125,12 +125,13 @@ class FisherImportance:
         return x
 
     def _rows_for(self, c: Consumer, x: torch.Tensor) -> Optional[Tuple[torch.Tensor, int]]:
-        """The sample of each row of ``x`` for a consumer whose rows are RoIs, else None."""
+        """The sample of each row of ``x`` for a consumer whose rows are RoIs, else None: from the
+        latest row source of this pass that wrote as many rows (an RoI head runs right after its
+        extractor, in every stage of a cascade)."""
         if c.name not in self.row_level:
             return None
-        source = self.row_level[c.name]
-        for name, index, n in reversed(self._row_maps):
-            if (source is None or name == source) and index.numel() == x.shape[0]:
+        for index, n in reversed(self._row_maps):
+            if index.numel() == x.shape[0]:
                 return index, n
         if c.name not in self._warned_rows:
             self._warned_rows.add(c.name)

@@ -56,11 +56,11 @@ class ConsumerInputs:
         self.mask = torch.ones(self.num_channels + 1)
         self._position_masks: Dict[str, Optional[torch.Tensor]] = {}
         # modules whose output rows are not samples (RoI extractors): they tell which sample each row is
-        self.row_sources = [(name, modules.get(name, rec.module), h) for name, rec in graph.records.items()
-                            for h in [handler_for(rec.module)] if h is not None and h.maps_rows()]
+        self.row_sources = [(modules.get(name, graph.records[name].module), handler_for(graph.records[name].module))
+                            for name in graph.row_sources]
         self._handles: list = []
         self.observer: Optional[Callable[[Consumer, torch.Tensor], torch.Tensor]] = None
-        self.row_observer: Optional[Callable[[str, torch.Tensor, int], None]] = None
+        self.row_observer: Optional[Callable[[torch.Tensor, int], None]] = None
 
     def set_keep(self, keep: torch.Tensor) -> None:
         """``keep``: ``[num_channels]`` bool/0-1 vector."""
@@ -86,16 +86,16 @@ class ConsumerInputs:
         self.detach()
         for c in self.consumers:
             self._handles.append(c.module.register_forward_pre_hook(self._hook(c)))
-        for name, module, handler in self.row_sources:
-            self._handles.append(module.register_forward_hook(self._rows_hook(name, handler)))
+        for module, handler in self.row_sources:
+            self._handles.append(module.register_forward_hook(self._rows_hook(handler)))
         return self
 
-    def _rows_hook(self, name: str, handler):
+    def _rows_hook(self, handler):
         def hook(module, args, output):
             if self.row_observer is not None:
                 rows = handler.sample_rows(module, args, output)
                 if rows is not None:
-                    self.row_observer(name, rows[0], rows[1])
+                    self.row_observer(rows[0], rows[1])
         return hook
 
     def detach(self) -> None:
