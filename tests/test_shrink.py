@@ -4,10 +4,9 @@ import io
 
 import pytest
 import torch
-import torch.nn as nn
 
 from helpers import config_path, masked_and_shrunk, max_rel_err, random_keep, randomise_norms
-from mmfisher.core import SpecMismatchError, analyse, make_spec, shrink, spec_to_keep
+from mmfisher.core import analyse, make_spec, shrink
 from mmfisher.core.shrink import kept_positions
 
 MODELS = [
@@ -86,43 +85,3 @@ def test_compact_model_prints_saves_and_reloads():
     with torch.no_grad():
         from mmfisher.core.trace import _flat_tensors
         assert max_rel_err(_flat_tensors(run(compact), [], -8), _flat_tensors(run(other), [], -8)) == 0
-
-
-class Small(nn.Module):
-    def __init__(self, width=8):
-        super().__init__()
-        self.a = nn.Conv2d(3, width, 3, padding=1)
-        self.bn = nn.BatchNorm2d(width)
-        self.b = nn.Conv2d(width, 4, 1)
-
-    def forward(self, x):
-        return self.b(torch.relu(self.bn(self.a(x))))
-
-
-def test_spec_is_json_and_round_trips():
-    import json
-    model = Small()
-    graph = analyse(model, torch.randn(1, 3, 8, 8))
-    keep = random_keep(graph, 0.5)
-    spec = json.loads(json.dumps(make_spec(graph, keep)))
-    assert torch.equal(spec_to_keep(graph, spec), keep)
-    assert spec['groups']['a'] == {'size': 8, 'keep': keep[:8].nonzero().flatten().tolist()}
-
-
-def test_spec_of_another_architecture_names_the_layer():
-    graph = analyse(Small(8), torch.randn(1, 3, 8, 8))
-    other = analyse(Small(16), torch.randn(1, 3, 8, 8))
-    spec = make_spec(other, torch.ones(other.num_channels, dtype=torch.bool))
-    with pytest.raises(SpecMismatchError, match="group 'a' has 8 channels in this model but 16"):
-        spec_to_keep(graph, spec)
-    spec['groups'] = {'nope': {'size': 3, 'keep': [0]}}
-    with pytest.raises(SpecMismatchError, match="'nope'"):
-        spec_to_keep(graph, spec)
-
-
-def test_spec_cannot_prune_an_unprunable_group():
-    graph = analyse(Small(), torch.randn(1, 3, 8, 8))
-    spec = make_spec(graph, torch.ones(graph.num_channels, dtype=torch.bool))
-    spec['groups']['b']['keep'] = [0, 1]
-    with pytest.raises(SpecMismatchError, match="cannot be pruned"):
-        spec_to_keep(graph, spec)

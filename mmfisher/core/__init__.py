@@ -6,8 +6,11 @@ Pipeline: model -> :func:`analyse` (trace + coupling graph) -> groups ->
 """
 from .groups import ChannelGroup, CouplingGraph, analyse
 from .masks import ConsumerInputs
-from .shrink import SPEC_FORMAT, SpecMismatchError, make_spec, shrink, spec_to_keep
+from .shrink import shrink
+from .spec import (SPEC_FORMAT, SpecError, SpecFormatError, SpecMismatchError, make_spec, spec_to_keep,
+                   validate_spec, weights_digest)
 from .trace import ModuleHandler, register_module_handler
 
 __all__ = ['analyse', 'CouplingGraph', 'ChannelGroup', 'ConsumerInputs', 'shrink', 'make_spec',
-           'spec_to_keep', 'SpecMismatchError', 'SPEC_FORMAT', 'ModuleHandler', 'register_module_handler']
+           'spec_to_keep', 'validate_spec', 'weights_digest', 'SpecError', 'SpecFormatError',
+           'SpecMismatchError', 'SPEC_FORMAT', 'ModuleHandler', 'register_module_handler']

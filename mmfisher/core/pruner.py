@@ -28,7 +28,8 @@ from .cost import RESOURCES, CostModel
 from .groups import CouplingGraph
 from .importance import FisherImportance
 from .masks import ConsumerInputs
-from .shrink import make_spec, round_keep, shrink
+from .shrink import round_keep, shrink
+from .spec import make_spec
 
 NORMALIZATIONS = ('memory', 'flops', 'none')
 

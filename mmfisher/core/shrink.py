@@ -1,74 +1,21 @@
-"""Last step: the channel spec and the compact model.
+"""Last step: the compact model.
 
-A *channel spec* is plain JSON: for every group, its size and the indices of the
-channels it keeps::
-
-    {"format": "mmfisher.channel_spec/1",
-     "groups": {"backbone.conv1": {"size": 64, "keep": [0, 2, 3, ...]}, ...}}
-
-``shrink(model, graph, spec)`` removes the other channels from every layer of
-every group in place: conv (plain, group, depthwise, transposed), BN/SyncBN,
+``shrink(model, graph, spec)`` removes the channels a channel spec (see
+:mod:`mmfisher.core.spec`) does not keep from every layer of every group, in place: conv (plain, group, depthwise, transposed), BN/SyncBN,
 GroupNorm (``num_groups`` follows), InstanceNorm, Linear (a flattened feature map
 loses a block of inputs per channel) and modules registered with a handler. The
 compact model prints, saves and reloads like any model of those sizes.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, Mapping, Optional
+from typing import Any, Iterable, Optional
 
 import torch
 import torch.nn as nn
 
 from .groups import CouplingGraph
+from .spec import SpecMismatchError, spec_to_keep
 from .trace import handler_for
-
-SPEC_FORMAT = 'mmfisher.channel_spec/1'
-
-
-class SpecMismatchError(ValueError):
-    """A channel spec that does not fit the analysed architecture."""
-
-
-def make_spec(graph: CouplingGraph, keep: torch.Tensor) -> Dict[str, Any]:
-    """Channel spec from a ``[num_channels]`` bool/0-1 vector of kept channels."""
-    keep = keep.bool()
-    groups = {}
-    for g in graph.groups:
-        k = keep[g.offset:g.offset + g.size].nonzero().flatten().tolist()
-        groups[g.name] = {'size': g.size, 'keep': k}
-    return {'format': SPEC_FORMAT, 'groups': groups}
-
-
-def spec_to_keep(graph: CouplingGraph, spec: Mapping[str, Any]) -> torch.Tensor:
-    """``[num_channels]`` bool vector from a spec; raises :class:`SpecMismatchError` naming the first misfit."""
-    if spec.get('format') != SPEC_FORMAT:
-        raise SpecMismatchError(f'not an mmfisher channel spec (format={spec.get("format")!r}, '
-                                f'expected {SPEC_FORMAT!r})')
-    keep = torch.ones(graph.num_channels, dtype=torch.bool)
-    by_name = {g.name: g for g in graph.groups}
-    for name, entry in spec['groups'].items():
-        g = by_name.get(name)
-        if g is None:
-            raise SpecMismatchError(
-                f'channel spec names group {name!r}, which this model does not have: the checkpoint was '
-                f'pruned from a different architecture (this model starts with groups '
-                f'{[x.name for x in graph.groups[:3]]})')
-        if int(entry['size']) != g.size:
-            raise SpecMismatchError(
-                f'group {name!r} has {g.size} channels in this model but {entry["size"]} in the channel spec: '
-                f'layer {g.producers[0]!r} does not match the pruned checkpoint\'s architecture')
-        idx = torch.tensor(entry['keep'], dtype=torch.long)
-        if idx.numel() == 0:
-            raise SpecMismatchError(f'group {name!r} keeps no channel')
-        if idx.min() < 0 or idx.max() >= g.size:
-            raise SpecMismatchError(f'group {name!r}: kept index out of range 0..{g.size - 1}')
-        if not g.prunable and idx.numel() != g.size:
-            raise SpecMismatchError(f'group {name!r} cannot be pruned ({g.reasons[0]}) but the spec removes '
-                                    f'{g.size - idx.numel()} of its channels')
-        k = torch.zeros(g.size, dtype=torch.bool)
-        k[idx] = True
-        keep[g.offset:g.offset + g.size] = k
-    return keep
 
 
 def round_keep(graph: CouplingGraph, keep: torch.Tensor, divisor: int,

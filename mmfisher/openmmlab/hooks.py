@@ -17,7 +17,7 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from ..core import analyse
+from ..core import analyse, weights_digest
 from ..core.cost import RESOURCES
 from ..core.pruner import NORMALIZATIONS, GroupFisherPruner
 from .analysis import example_forward
@@ -386,6 +386,7 @@ class FisherPruningHook(Hook):
         if is_main_process():
             compact = self.pruner.export(self.round_to)
             keep = self.pruner.export_keep(self.round_to)
+            weights = compact.state_dict()
             meta = {
                 'channel_spec': self.pruner.channel_spec(self.round_to),
                 'mmfisher': {
@@ -396,13 +397,14 @@ class FisherPruningHook(Hook):
                     'channels_per_step': self.channels_per_step,
                     'options': self.options(), 'option_changes': [dict(c) for c in self.option_changes],
                     'analysis_input_shape': list(self.analysis_shape),
+                    'weights_sha256': weights_digest(weights),
                 },
             }
             dataset_meta = getattr(getattr(runner.train_dataloader, 'dataset', None), 'metainfo', None)
             if dataset_meta:
                 from .checkpoint import to_plain
                 meta['dataset_meta'] = to_plain(dataset_meta, 'dataset_meta')
-            torch.save({'meta': meta, 'state_dict': compact.state_dict()}, path)
+            torch.save({'meta': meta, 'state_dict': weights}, path)
             runner.logger.info(f'[mmfisher] wrote pruned checkpoint {path} ({resource} {ratio:.2f})')
         return path
 
