@@ -29,8 +29,9 @@ load_from = None
     return str(path)
 
 
-def run(args, timeout=600):
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+def run(args, timeout=600, path=()):
+    """``python args...`` from the repository root; ``path``: more directories for PYTHONPATH."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, *map(str, path), os.environ.get('PYTHONPATH', '')]))
     res = subprocess.run([sys.executable] + args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     return res
 
@@ -50,22 +51,51 @@ custom_hooks = [dict(type='SafeCheckpointHook'),
 '''
 
 
-def test_resumed_run_ends_with_the_same_masks_as_an_unbroken_one(tmp_path, shapes):
+SIGKILL_HOOK = '''
+import os, signal
+from mmengine.hooks import Hook
+from mmengine.registry import HOOKS
+
+
+@HOOKS.register_module()
+class SigkillAfter(Hook):
+    """Kill this process, as the OOM killer or a pre-empted node would: no handler, no cleanup."""
+
+    def __init__(self, iteration):
+        self.iteration = iteration
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None):
+        if runner.iter + 1 == self.iteration:
+            os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+def test_a_run_killed_mid_pruning_and_resumed_ends_like_an_unbroken_one(tmp_path, shapes):
     cfg = write_config(tmp_path / 'prune.py', DEMO, shapes,
                        PRUNE.format(iters=12, interval=2, target=0.3, per_step=20, save_ratios=[]))
-    full, resumed = tmp_path / 'full', tmp_path / 'resumed'
+    (tmp_path / 'sigkill_hook.py').write_text(SIGKILL_HOOK)
+    killed_cfg = tmp_path / 'killed.py'
+    killed_cfg.write_text(f"""_base_ = [{cfg!r}]
+custom_imports = dict(imports=['sigkill_hook'], allow_failed_imports=False)
+custom_hooks = _base_.custom_hooks + [dict(type='SigkillAfter', iteration=7)]
+""")
+    full, killed = tmp_path / 'full', tmp_path / 'killed'
     ok(run(['tools/train.py', cfg, '--work-dir', str(full)]))
-    # a fresh run, resumed with the stock mechanism from the unbroken run's iter 8 checkpoint
-    out = ok(run(['tools/train.py', cfg, '--work-dir', str(resumed), '--resume', str(full / 'iter_8.pth')]))
-    assert 'resumed pruning state: 80 channels removed' in out
+    res = run(['tools/train.py', str(killed_cfg), '--work-dir', str(killed)], path=[tmp_path])
+    assert res.returncode == -9, res.stderr[-3000:]       # SIGKILL after iter 7, last checkpoint iter 4
+    assert open(killed / 'last_checkpoint').read().strip().endswith('iter_4.pth')
+    assert not (killed / 'iter_8.pth').exists()
+    # the stock mechanism: --resume without a path takes the work dir's last checkpoint
+    out = ok(run(['tools/train.py', cfg, '--work-dir', str(killed), '--resume']))
+    assert 'resumed pruning state: 40 channels removed' in out
     a = torch.load(full / 'iter_12.pth', weights_only=True)
-    b = torch.load(resumed / 'iter_12.pth', weights_only=True)
+    b = torch.load(killed / 'iter_12.pth', weights_only=True)
     pa, pb = a['mmfisher']['pruner'], b['mmfisher']['pruner']
     assert len(pa['history']) == 120
     assert torch.equal(pa['keep'], pb['keep'])
     assert pa['history'] == pb['history']
     for k in a['state_dict']:
-        assert torch.allclose(a['state_dict'][k].float(), b['state_dict'][k].float(), atol=1e-5), k
+        assert torch.equal(a['state_dict'][k], b['state_dict'][k]), k
 
 
 def test_prune_to_target_then_finetune_and_test_the_compact_model(tmp_path, shapes):

@@ -148,3 +148,40 @@ def test_every_checkpoint_a_run_writes_loads_with_weights_only(pruned):
     assert len(files) >= 3
     for p in files:
         torch.load(p, weights_only=True)
+
+
+def train_in_process(cfg):
+    from mmengine.runner import Runner
+
+    from helpers import pruning_hook
+    from mmfisher.openmmlab import register_all_modules
+    register_all_modules()
+    runner = Runner.from_cfg(cfg)
+    runner.train()
+    return pruning_hook(runner)
+
+
+def test_batch_size_one_prunes_on_evidence(tmp_path, shapes):
+    from helpers import demo_cfg
+    cfg = demo_cfg(shapes, tmp_path, 6, dict(interval=2, target=('flops', 0.5), channels_per_step=5),
+                   **{'train_dataloader.batch_size': 1})
+    hook = train_in_process(cfg)
+    assert len(hook.pruner.history) == 15 and hook.pruner.postponed == 0
+    fisher = torch.tensor([h['fisher'] for h in hook.pruner.history])
+    # a channel that is zero after its ReLU on the one image has Fisher exactly 0: it may go; nothing else
+    assert torch.isfinite(fisher).all() and (fisher >= 0).all() and (fisher > 0).any()
+
+
+def test_a_short_last_batch_of_an_epoch_is_scored_like_the_others(tmp_path, shapes):
+    """16 images, batch 3: five full batches and one of a single image (DefaultSampler, no drop_last)."""
+    from helpers import demo_cfg
+    cfg = demo_cfg(shapes, tmp_path, 0, dict(interval=3, target=('flops', 0.5), channels_per_step=5))
+    cfg.train_cfg = dict(type='EpochBasedTrainLoop', max_epochs=1)
+    cfg.train_dataloader.update(batch_size=3, sampler=dict(type='DefaultSampler', shuffle=False))
+    cfg.default_hooks.checkpoint = dict(type='CheckpointHook', by_epoch=True, interval=1)
+    cfg.log_processor = dict(by_epoch=True)
+    hook = train_in_process(cfg)
+    # steps after iterations 3 and 6 (the short one): both decided, on finite scores
+    assert len(hook.pruner.history) == 10 and hook.pruner.postponed == 0
+    fisher = torch.tensor([h['fisher'] for h in hook.pruner.history])
+    assert torch.isfinite(fisher).all() and (fisher > 0).any()

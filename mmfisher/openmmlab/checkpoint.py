@@ -57,7 +57,9 @@ def to_plain(obj: Any, path: str = 'checkpoint') -> Any:
         return {TAG: 'set', 'items': [to_plain(v, path) for v in obj]}
     from mmengine.logging import HistoryBuffer
     if isinstance(obj, HistoryBuffer):
-        state = obj.__dict__
+        # HistoryBuffer.__getstate__ adds the class's statistics functions to the instance's __dict__ once
+        # it was pickled or deep-copied; they are class-level (rebuilt on load), not state
+        state = {k: v for k, v in obj.__dict__.items() if k != 'statistics_methods'}
         return {TAG: 'HistoryBuffer', 'state': {k: to_plain(v, f'{path}.{k}') for k, v in state.items()}}
     warnings.warn(f'mmfisher: {path} holds a {type(obj).__module__}.{type(obj).__qualname__}, which '
                   f'torch.load(weights_only=True) cannot read; the checkpoint will need a trusted load')
