@@ -66,6 +66,16 @@ def test_weights_of_another_ratio_are_refused_naming_the_tensor_and_both_shapes(
     assert 'pruned_flops_0.85.pth' in str(e.value)
 
 
+def test_fine_tuning_from_weights_of_another_ratio_fails_before_the_first_iteration(tmp_path, shapes, pruned):
+    prune_cfg, work = pruned
+    cfg = compact_config(tmp_path, shapes, prune_cfg, work / 'pruned_flops_0.70.pth',
+                         f"load_from = {str(work / 'pruned_flops_0.85.pth')!r}\n"
+                         "train_cfg = dict(max_iters=2, val_interval=1000)\ncustom_hooks = []")
+    with pytest.raises(ValueError, match='the checkpoint does not fit the pruned model'):
+        tool('tools/train.py').main([cfg, '--work-dir', str(tmp_path / 'ft')])
+    assert not list((tmp_path / 'ft').glob('*.pth'))
+
+
 def test_a_spec_with_a_repeated_index_is_refused_naming_the_file(tmp_path, shapes, pruned):
     prune_cfg, work = pruned
     spec = torch.load(work / 'pruned_flops_0.70.pth', weights_only=True)['meta']['channel_spec']
