@@ -156,6 +156,27 @@ class TestFisherPruningHook(RunnerTestCase):
         compact.load_state_dict(ckpt['state_dict'], strict=True)
         self.assertLessEqual(ckpt['meta']['mmfisher']['ratios']['flops'], 0.6)
 
+    def test_other_criteria_run_the_same_schedule_and_are_recorded(self):
+        for importance in ('l1', dict(type='random', seed=3)):
+            with self.subTest(importance=importance):
+                cfg = copy.deepcopy(self.iter_based_cfg)
+                cfg.custom_hooks = [dict(type='SafeCheckpointHook'), dict(HOOK, importance=importance)]
+                runner, hook = self.runner_and_hook(cfg)
+                hook.before_train(runner)
+                self.train_iters(runner, hook, 4)
+                self.assertEqual(len(hook.pruner.history), 4)
+                self.assertEqual(hook.pruner.fisher.valid_passes, 0)      # no Fisher gathered
+                checkpoint = {}
+                hook.before_save_checkpoint(runner, checkpoint)
+                want = {'type': 'l1'} if importance == 'l1' else importance
+                self.assertEqual(checkpoint[STATE_KEY]['options']['importance'], want)
+
+    def test_an_unknown_criterion_is_refused_when_the_hook_is_built(self):
+        cfg = copy.deepcopy(self.iter_based_cfg)
+        cfg.custom_hooks = [dict(HOOK, importance='taylor')]
+        with self.assertRaisesRegex(ValueError, "importance='taylor' is not a registered criterion"):
+            self.build_runner(cfg)
+
 
 class TestSafeCheckpointHook(RunnerTestCase):
 

@@ -177,7 +177,7 @@ def test_batch_size_one_prunes_on_evidence(tmp_path, shapes):
                    **{'train_dataloader.batch_size': 1})
     hook = train_in_process(cfg)
     assert len(hook.pruner.history) == 15 and hook.pruner.postponed == 0
-    fisher = torch.tensor([h['fisher'] for h in hook.pruner.history])
+    fisher = torch.tensor([h['importance'] for h in hook.pruner.history])
     # a channel that is zero after its ReLU on the one image has Fisher exactly 0: it may go; nothing else
     assert torch.isfinite(fisher).all() and (fisher >= 0).all() and (fisher > 0).any()
 
@@ -193,5 +193,5 @@ def test_a_short_last_batch_of_an_epoch_is_scored_like_the_others(tmp_path, shap
     hook = train_in_process(cfg)
     # steps after iterations 3 and 6 (the short one): both decided, on finite scores
     assert len(hook.pruner.history) == 10 and hook.pruner.postponed == 0
-    fisher = torch.tensor([h['fisher'] for h in hook.pruner.history])
+    fisher = torch.tensor([h['importance'] for h in hook.pruner.history])
     assert torch.isfinite(fisher).all() and (fisher > 0).any()

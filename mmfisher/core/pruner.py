@@ -27,6 +27,7 @@ import torch.nn as nn
 from .cost import RESOURCES, CostModel
 from .groups import CouplingGraph
 from .importance import FisherImportance
+from .criteria import build_criterion
 from .masks import ConsumerInputs
 from .shrink import round_keep, shrink
 from .spec import make_spec
@@ -54,11 +55,15 @@ class GroupFisherPruner:
             the resource falls to ``ratio`` of the original; checked for reachability here.
         frozen_every: score layers whose input does not require grad (frozen stages) on every
             k-th backward pass only (see :mod:`mmfisher.core.importance`); 1 = exact.
+        importance: what channels are ranked by: 'fisher' (default), 'l1', 'random', a registered
+            criterion's name, ``dict(type=name, **options)`` or an instance (:mod:`mmfisher.core.criteria`).
+            Everything else (groups, normalization, constraints, schedule) is the same for every criterion.
     """
 
     def __init__(self, model: nn.Module, graph: CouplingGraph, *, normalization: str = 'memory',
                  min_channels: int = 1, internal_only: bool = False, exclude: Sequence[str] = (),
-                 target: Optional[Sequence[Any]] = None, frozen_every: int = 1) -> None:
+                 target: Optional[Sequence[Any]] = None, frozen_every: int = 1,
+                 importance: Any = 'fisher') -> None:
         if normalization not in NORMALIZATIONS:
             raise ValueError(f'normalization={normalization!r} is not one of {NORMALIZATIONS}')
         if int(min_channels) < 1:
@@ -68,7 +73,9 @@ class GroupFisherPruner:
         self.normalization = normalization
         self.min_channels = int(min_channels)
         self.consumers = ConsumerInputs(model, graph)
+        self.criterion = build_criterion(importance)
         self.fisher = FisherImportance(self.consumers, frozen_every)
+        self.fisher.enabled = self.criterion.uses_fisher      # no Fisher hooks' work for other criteria
         self.cost = CostModel(model, graph)
         U = graph.num_channels
         self.keep = torch.ones(U, dtype=torch.bool)
@@ -194,14 +201,16 @@ class GroupFisherPruner:
 
     def scores(self, importance: Optional[torch.Tensor] = None, evidence: Optional[torch.Tensor] = None,
                saving: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``[num_channels]`` normalised scores (inf where a channel may not be removed now: not a
-        candidate, already removed, or no gradient evidence since the last step)."""
-        imp = self.fisher.accum if importance is None else importance
-        ev = self.fisher.evidence if evidence is None else evidence
+        """``[num_channels]`` normalised scores, importance / saving (inf where a channel may not be
+        removed now: not a candidate, already removed, or no evidence since the last step)."""
+        if importance is None or evidence is None:
+            imp, ev, _ = self.criterion.importance(self)
+            importance = imp if importance is None else importance
+            evidence = ev if evidence is None else evidence
         saving = self.cost.saving(self.normalization, self.keep) if saving is None else saving
-        s = imp.double() / saving.clamp_min(1e-12)
-        s[~(self.candidates & self.keep & ev)] = float('inf')
-        s[~torch.isfinite(imp.double())] = float('inf')
+        s = importance.double() / saving.clamp_min(1e-12)
+        s[~(self.candidates & self.keep & evidence.bool())] = float('inf')
+        s[~torch.isfinite(importance.double())] = float('inf')
         return s
 
     def _order(self, scores: torch.Tensor, saving: torch.Tensor) -> torch.Tensor:
@@ -227,8 +236,8 @@ class GroupFisherPruner:
         keeps accumulating, ``self.postponed_reason`` says why).
         """
         U = self.graph.num_channels
-        f = self.fisher
-        packed = torch.cat([f.accum.double(), f.evidence.double(), torch.tensor([float(f.valid_passes)])])
+        imp, ev, valid = self.criterion.importance(self)
+        packed = torch.cat([imp.double(), ev.double(), torch.tensor([float(valid)])])
         if reduce is not None:
             packed = reduce(packed)
         importance, evidence, valid = packed[:U], packed[U:2 * U] > 0, int(packed[2 * U])
@@ -261,12 +270,12 @@ class GroupFisherPruner:
             self._take(chosen, self._alive_pos)
             g = self.graph.groups[self.graph.group_index(chosen)]
             entry = {'step': self.steps, 'channel': chosen, 'group': g.name, 'index': chosen - g.offset,
-                     'score': float(scores[chosen]), 'fisher': float(importance[chosen])}
+                     'score': float(scores[chosen]), 'importance': float(importance[chosen])}
             self.history.append(entry)
             removed.append(entry)
         if not removed:
             return self._postpone('no removable channel got a gradient signal since the last step')
-        if all(e['fisher'] == 0.0 for e in removed):
+        if self.criterion.uses_fisher and all(e['importance'] == 0.0 for e in removed):
             warnings.warn(f'mmfisher: step {self.steps}: every removed channel ({len(removed)}) had Fisher 0 '
                           f'(no effect on the loss: dead channels); equal scores went to the larger saving, then '
                           f'to a seeded random order')
@@ -319,6 +328,7 @@ class GroupFisherPruner:
             'history': [dict(h) for h in self.history],
             'normalization': self.normalization,
             'min_channels': self.min_channels,
+            'criterion': self.criterion.options(),
             'signature': self.signature(),
         }
 

@@ -19,6 +19,7 @@ from mmengine.registry import HOOKS
 
 from ..core import analyse, weights_digest
 from ..core.cost import RESOURCES
+from ..core.criteria import build_criterion
 from ..core.pruner import NORMALIZATIONS, GroupFisherPruner
 from .analysis import example_forward
 from .checkpoint import make_plain_in_place, restore_in_place
@@ -132,6 +133,10 @@ class FisherPruningHook(Hook):
             (default: the padded size of the first training sample after the data preprocessor).
         round_to: when writing a pruned checkpoint, round every group's channel count up to a
             multiple of this (8, 16, 32: faster kernels), giving back the last removed channels.
+        importance: what channels are ranked by: 'fisher' (default, Group Fisher), 'l1' (filter L1
+            norm), 'random', or ``dict(type=name, **options)`` of a criterion registered with
+            :func:`mmfisher.core.criteria.register_criterion` (e.g. ``dict(type='random', seed=1)``).
+            Everything else is the same for every criterion.
     """
 
     priority = 'NORMAL'
@@ -148,7 +153,7 @@ class FisherPruningHook(Hook):
                  save_ratios: Sequence[float] = (), channels_per_step: int = 1, min_channels: int = 1,
                  stop_at_target: bool = True, internal_only: bool = False, exclude: Sequence[str] = (),
                  frozen_every: Optional[int] = None, input_shape: Optional[Sequence[int]] = None,
-                 round_to: Optional[int] = None) -> None:
+                 round_to: Optional[int] = None, importance: Any = 'fisher') -> None:
         if int(interval) < 1:
             raise ValueError(f'interval={interval} must be a positive number of iterations')
         if normalization not in NORMALIZATIONS:
@@ -183,6 +188,7 @@ class FisherPruningHook(Hook):
         if round_to is not None and int(round_to) < 1:
             raise ValueError(f'round_to={round_to} must be a positive channel count (e.g. 8, 16, 32)')
         self.round_to = int(round_to) if round_to else None
+        self.importance = build_criterion(importance).options()     # checked now, built per pruner
         self.pruner: Optional[GroupFisherPruner] = None
         self.saved: Dict[str, str] = {}      # '%.4f' % ratio -> file written
         self._resume_state: Optional[dict] = None
@@ -226,13 +232,15 @@ class FisherPruningHook(Hook):
         self.analysis_shape = tuple(hw)
         self.pruner = GroupFisherPruner(model, graph, normalization=self.normalization,
                                         min_channels=self.min_channels, internal_only=self.internal_only,
-                                        exclude=self.exclude, target=self.target, frozen_every=self.frozen_every)
+                                        exclude=self.exclude, target=self.target, frozen_every=self.frozen_every,
+                                        importance=dict(self.importance))
         s = graph.summary()
         runner.logger.info(
             f'[mmfisher] {s["prunable_groups"]}/{s["groups"]} channel groups prunable '
             f'({s["prunable_channels"]} channels, {s["prunable_layers"]}/{s["layers"]} conv/linear layers), '
             f'analysed on {hw[0]}x{hw[1]} in {time.perf_counter() - t0:.2f} s; target {self.target[0]} '
-            f'{self.target[1]}, {self.normalization} normalisation, {self.channels_per_step} channel(s) every '
+            f'{self.target[1]}, {self._criterion_text()} importance, {self.normalization} normalisation, '
+            f'{self.channels_per_step} channel(s) every '
             f'{self.interval} iterations')
         for g in graph.groups:
             if not g.prunable and g.reasons != ['model output']:
@@ -262,7 +270,11 @@ class FisherPruningHook(Hook):
                 'normalization': self.normalization, 'channels_per_step': self.channels_per_step,
                 'min_channels': self.min_channels, 'internal_only': self.internal_only,
                 'exclude': list(self.exclude), 'frozen_every': self.frozen_every, 'round_to': self.round_to,
-                'stop_at_target': self.stop_at_target}
+                'stop_at_target': self.stop_at_target, 'importance': dict(self.importance)}
+
+    def _criterion_text(self) -> str:
+        extra = ', '.join(f'{k}={v}' for k, v in self.importance.items() if k != 'type')
+        return self.importance['type'] + (f' ({extra})' if extra else '')
 
     def _resume_options(self, runner, state: dict) -> None:
         """Say which options differ from the resumed run's, refuse those the existing masks break,
@@ -271,6 +283,8 @@ class FisherPruningHook(Hook):
         old = state.get('options')
         if old is None:
             return
+        old = dict(old)
+        old.setdefault('importance', {'type': 'fisher'})    # states written before criteria were options
         changed = {k: (old.get(k), v) for k, v in self.options().items() if old.get(k) != v}
         if not changed:
             return
@@ -393,7 +407,8 @@ class FisherPruningHook(Hook):
                     'resource': resource, 'ratio': ratio, 'ratios': self.pruner.cost.ratios(keep),
                     'round_to': self.round_to,
                     'iter': runner.iter + 1, 'channels_removed': len(self.pruner.history),
-                    'normalization': self.normalization, 'interval': self.interval,
+                    'normalization': self.normalization, 'importance': dict(self.importance),
+                    'interval': self.interval,
                     'channels_per_step': self.channels_per_step,
                     'options': self.options(), 'option_changes': [dict(c) for c in self.option_changes],
                     'analysis_input_shape': list(self.analysis_shape),
