@@ -59,39 +59,6 @@ def build(config: str, ckpt: str, device: str):
     return model.to(device).eval()
 
 
-def tensor_forward(model, x):
-    from mmfisher.openmmlab.analysis import example_samples, tensor_forward
-    samples = example_samples(model, tuple(x.shape))
-    return lambda: tensor_forward(model, x, samples)
-
-
-def complexity(model, x, run) -> dict:
-    """FLOPs / activations per batch: mmengine's analysis, else mmfisher's cost model."""
-    try:
-        from mmengine.analysis import FlopAnalyzer, ActivationAnalyzer
-
-        class Wrapped(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
-
-            def forward(self, inp):
-                return run()
-        wrapped = Wrapped(model)
-        with torch.no_grad():
-            flops = FlopAnalyzer(wrapped, (x,)).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-            acts = ActivationAnalyzer(wrapped, (x,)).unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-            return {'flops': float(flops.total()), 'activations': float(acts.total()), 'source': 'mmengine'}
-    except Exception as e:  # noqa: BLE001  (tracing fails on some models: say so and count ourselves)
-        from mmfisher.core import analyse
-        from mmfisher.core.cost import CostModel
-        graph = analyse(model, forward=run)
-        c = CostModel(model, graph).original
-        batch = x.shape[0]
-        return {'flops': c['flops'] * batch, 'activations': c['memory'] * batch,
-                'source': f'mmfisher cost model ({type(e).__name__} in mmengine analysis)'}
-
-
 def time_onnx(models, x, args) -> dict:
     """Export both networks and time onnxruntime sessions, alternating, like the PyTorch runs."""
     import tempfile
@@ -126,30 +93,15 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     from mmfisher.openmmlab import register_all_modules
+    from mmfisher.openmmlab.benchmarking import complexity, interleaved_latency, tensor_run
     register_all_modules()
     models = [build(args.config_a, args.ckpt_a, args.device), build(args.config_b, args.ckpt_b, args.device)]
     torch.manual_seed(0)
     x = torch.randn(args.batch, 3, *args.shape, device=args.device)
-    runs = [tensor_forward(m, x) for m in models]
-    rows = []
-    for m, run in zip(models, runs):
-        c = complexity(m, x, run)
-        params = sum(p.numel() for p in m.parameters())
-        rows.append({'params': float(params), **c, 'times': []})
-    sync = torch.cuda.synchronize if args.device.startswith('cuda') else (lambda: None)
-    with torch.no_grad():
-        for _ in range(args.warmup):
-            for run in runs:
-                run()
-        sync()
-        for _ in range(args.repeats):
-            for row, run in zip(rows, runs):
-                t0 = time.perf_counter()
-                run()
-                sync()
-                row['times'].append(time.perf_counter() - t0)
-    for row in rows:
-        row['latency_ms'] = 1000 * statistics.median(row['times'])
+    runs = [tensor_run(m, x) for m in models]
+    rows = [complexity(m, x, run) for m, run in zip(models, runs)]
+    for row, t in zip(rows, interleaved_latency(runs, args.repeats, args.warmup, args.device)):
+        row.update(t)
         row['fps'] = args.batch * 1000 / row['latency_ms']
     a, b = rows
     print(f'input {args.batch}x3x{args.shape[0]}x{args.shape[1]} on {args.device} '
@@ -170,7 +122,7 @@ def main(argv=None):
               'repeats': args.repeats, 'models': {}}
     for name, cfg, ckpt, row in zip(args.names, (args.config_a, args.config_b), (args.ckpt_a, args.ckpt_b), rows):
         result['models'][name] = {'config': cfg, 'checkpoint': ckpt,
-                                  **{k: v for k, v in row.items() if k != 'times'}}
+                                  **row}
     result['speedup'] = a['latency_ms'] / b['latency_ms']
     if args.onnx:
         result['onnx'] = time_onnx(models, x, args)
