@@ -193,6 +193,41 @@ def test_compiled_op_is_reported_not_mis_pruned():
     assert any('compiled op' in r for r in grp.reasons), grp.reasons
 
 
+@pytest.mark.parametrize('pack', ['DeformConv2dPack', 'ModulatedDeformConv2dPack'])
+def test_a_deformable_convs_input_and_offsets_are_never_pruned(pack):
+    """mmcv calls its kernels through a module-level alias of ``Function.apply``: still seen."""
+    import mmcv.ops
+    model = Two(nn.Sequential(getattr(mmcv.ops, pack)(8, 8, 3, padding=1)))
+    model.out = nn.Conv2d(8, 4, 1)
+    g = analyse(model, torch.randn(1, 3, 8, 8))
+    offsets = g.group('body.0.conv_offset')
+    assert not offsets.prunable and 'compiled op' in offsets.reasons[0]
+    assert not g.group('b').prunable           # the deformable conv's input
+
+
+def test_channels_read_only_by_a_kernel_outside_torch_are_not_prunable():
+    from mmcv.utils import ext_loader
+    ext = ext_loader.load_ext('_ext', ['nms'])
+
+    class Hidden(nn.Module):
+        """Box channels go straight into mmcv's compiled NMS (no torch function, no autograd Function)."""
+
+        def __init__(self):
+            super().__init__()
+            self.boxes = nn.Conv2d(3, 4, 3)
+            self.b = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x):
+            boxes = self.boxes(x).permute(0, 2, 3, 1).reshape(-1, 4).contiguous()
+            keep = ext.nms(boxes, boxes.new_ones(boxes.shape[0]), iou_threshold=0.5, offset=0)
+            return self.b(x) * float(keep.numel())
+
+    g = analyse(Hidden(), torch.randn(1, 3, 8, 8))
+    grp = g.group('boxes')
+    assert not grp.prunable and grp.reasons == [
+        'no traced layer reads these channels: an operation the analysis cannot see reads them']
+
+
 def test_chunk_ties_the_kth_channel_of_every_part():
     class Gate(nn.Module):
         def forward(self, x):
@@ -243,3 +278,15 @@ def test_without_its_handler_an_roi_extractor_makes_the_fpn_unprunable():
     fpn = g.group('neck.fpn_convs.0.conv')
     assert not fpn.prunable
     assert any('compiled op' in r for r in fpn.reasons), fpn.reasons
+
+
+def test_tood_offsets_read_only_by_a_deformable_sampling_are_not_prunable():
+    """TOOD's head samples its box map with mmcv's deform_conv2d at offsets a conv predicts."""
+    from mmengine.config import Config
+
+    from helpers import config_path
+    from mmfisher.openmmlab import build_from_config, example_forward
+    model = build_from_config(Config.fromfile(config_path('mmdet', 'tood/tood_r50_fpn_1x_coco.py')))
+    g = analyse(model, forward=example_forward(model, (1, 3, 128, 128)))
+    grp = g.group('bbox_head.reg_offset_module.2')
+    assert not grp.prunable and 'compiled op DeformConv2dFunction' in grp.reasons[0]

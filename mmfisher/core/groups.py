@@ -146,6 +146,11 @@ class CouplingGraph:
         for grp in self.groups:
             chan = self.arrays[(grp.name, 'out')].channel
             grp.positions_per_channel = int((chan == grp.offset).sum())
+            if grp.prunable and not grp.consumers:
+                # written, never read by a layer the trace saw, and not an output: whatever reads it
+                # (a compiled kernel called outside torch) would be mis-pruned
+                grp.reasons.append('no traced layer reads these channels: an operation the analysis cannot '
+                                   'see reads them')
 
         prunable = torch.zeros(self.num_channels, dtype=torch.bool)
         for grp in self.groups:

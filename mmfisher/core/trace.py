@@ -361,7 +361,9 @@ class ChannelTracer:
         return '<root>'
 
     def inside_leaf(self) -> bool:
-        return bool(self.stack) and self.stack[-1][1]
+        """Whether a leaf (conv, linear, norm, handled module) is running, at any depth: what runs inside
+        it is described by the leaf's own rule (an RoI extractor's RoIAlign, a conv's kernel)."""
+        return any(frame[1] for frame in self.stack)
 
     # ---- module hooks ---------------------------------------------------- #
     def record_for(self, module: nn.Module, kind: str) -> ModuleRecord:
@@ -891,24 +893,44 @@ class ChannelTracer:
             self.set_label(o, None)
 
     # ---- the whole run ------------------------------------------------------- #
+    def _watch_autograd_functions(self) -> List[Tuple[type, Any]]:
+        """Wrap the ``forward`` of every custom ``torch.autograd.Function`` (mmcv's deformable convs,
+        RoI ops, a user's own): their kernels are invisible as torch functions. ``forward`` is what the
+        C++ ``apply`` calls, so module-level aliases such as ``deform_conv2d = DeformConv2dFunction.apply``
+        are seen too. Returns what to restore."""
+        tracer = self
+        saved = []
+        todo, seen = list(torch.autograd.Function.__subclasses__()), set()
+        while todo:
+            cls = todo.pop()
+            if cls in seen:
+                continue
+            seen.add(cls)
+            todo.extend(cls.__subclasses__())
+            orig = cls.__dict__.get('forward')
+            if not isinstance(orig, staticmethod):
+                continue
+
+            def forward(*args, _cls=cls, _orig=orig.__func__, **kwargs):
+                out = _orig(*args, **kwargs)
+                inputs = args[1:] if args and isinstance(args[0], torch.autograd.function.FunctionCtx) else args
+                tracer.on_autograd_function(_cls, inputs, out)
+                return out
+
+            saved.append((cls, orig))
+            cls.forward = staticmethod(forward)
+        return saved
+
     def run(self, forward: Callable[[], Any]) -> Any:
         hooks = [nn.modules.module.register_module_forward_pre_hook(self.pre_hook),
                  nn.modules.module.register_module_forward_hook(self.post_hook)]
-        fn_cls = torch.autograd.function.Function
-        orig_apply = fn_cls.__dict__['apply']
-        tracer = self
-
-        def apply(cls, *args, **kwargs):
-            out = orig_apply.__func__(cls, *args, **kwargs)
-            tracer.on_autograd_function(cls, args, out)
-            return out
-
-        fn_cls.apply = classmethod(apply)
+        patched = self._watch_autograd_functions()
         try:
             with torch.no_grad(), _Mode(self):
                 output = forward()
         finally:
-            fn_cls.apply = orig_apply
+            for cls, orig in patched:
+                cls.forward = orig
             for h in hooks:
                 h.remove()
             self.stack.clear()
