@@ -290,3 +290,12 @@ def test_tood_offsets_read_only_by_a_deformable_sampling_are_not_prunable():
     g = analyse(model, forward=example_forward(model, (1, 3, 128, 128)))
     grp = g.group('bbox_head.reg_offset_module.2')
     assert not grp.prunable and 'compiled op DeformConv2dFunction' in grp.reasons[0]
+
+
+def test_a_layernorm_subclass_over_channels_first_is_traced_not_trusted():
+    """mmpretrain's LayerNorm2d subclasses nn.LayerNorm but normalises [N, C, H, W] over C."""
+    from mmfisher.openmmlab import register_all_modules
+    register_all_modules()
+    from mmpretrain.models.utils.norm import LayerNorm2d
+    grp = _reasons(LayerNorm2d(8))
+    assert not grp.prunable and any('layer_norm' in r for r in grp.reasons), grp.reasons

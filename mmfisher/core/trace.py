@@ -392,7 +392,9 @@ class ChannelTracer:
                                nn.modules.instancenorm._InstanceNorm)):
             return 'norm'
         if isinstance(module, nn.LayerNorm):
-            return 'layernorm'
+            # a subclass with its own forward (mmpretrain's LayerNorm2d permutes channels first to last)
+            # may normalise over other dims than nn.LayerNorm would: trace what it does instead
+            return 'layernorm' if type(module).forward is nn.LayerNorm.forward else None
         return None
 
     def mark_read(self, tensors: Iterable[torch.Tensor]) -> None:
