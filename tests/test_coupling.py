@@ -15,7 +15,7 @@ from mmfisher.core import analyse
 def retinanet_graph():
     from mmfisher.openmmlab import analyse_model, build_from_config
     model = build_from_config(config_path('mmdet', 'retinanet/retinanet_r50_fpn_1x_coco.py'))
-    return model, analyse_model(model, (1, 3, 128, 128))
+    return model, analyse_model(model, (1, 3, 128, 128), strict=True)
 
 
 def test_resnet_stage_is_one_residual_stream(retinanet_graph):
@@ -148,7 +148,7 @@ class Two(nn.Module):
 
 def _reasons(body, x=None):
     model = Two(body)
-    g = analyse(model, x if x is not None else torch.randn(2, 3, 8, 8))
+    g = analyse(model, x if x is not None else torch.randn(2, 3, 8, 8), strict=True)
     return g.group('b')
 
 
@@ -299,3 +299,16 @@ def test_a_layernorm_subclass_over_channels_first_is_traced_not_trusted():
     from mmpretrain.models.utils.norm import LayerNorm2d
     grp = _reasons(LayerNorm2d(8))
     assert not grp.prunable and any('layer_norm' in r for r in grp.reasons), grp.reasons
+
+
+def test_a_failing_op_rule_is_an_error_under_strict_and_unprunable_otherwise(monkeypatch):
+    from mmfisher.core.trace import AnalysisRuleError, ChannelTracer
+
+    def broken(self, *args):
+        raise IndexError('a bug in the rule')
+    monkeypatch.setattr(ChannelTracer, 'rule_cat', broken)
+    body = Lambda(lambda x: torch.cat([x, x], 1)[:, :8])
+    with pytest.raises(AnalysisRuleError, match=r'the rule for cat failed \(IndexError: a bug in the rule\)'):
+        analyse(Two(body), torch.randn(1, 3, 8, 8), strict=True)
+    grp = analyse(Two(body), torch.randn(1, 3, 8, 8)).group('b')
+    assert not grp.prunable and 'cat not understood (IndexError: a bug in the rule)' in grp.reasons[0]

@@ -41,7 +41,7 @@ def test_compact_equals_masked(package, config):
     model.eval()
     shape = (1, 3, 128, 128) if package == 'mmdet' else (2, 3, 64, 64)
     fwd, run = _runner(model, shape)
-    graph = analyse(model, forward=fwd)
+    graph = analyse(model, forward=fwd, strict=True)
     assert graph.summary()['prunable_groups'] >= 0.8 * graph.summary()['groups']
     keep = random_keep(graph, 0.5, seed=1)
     ref, out, compact = masked_and_shrunk(model, graph, keep, run)
@@ -57,7 +57,7 @@ def test_compact_equals_masked(package, config):
     n_before = sum(p.numel() for p in model.parameters())
     n_after = sum(p.numel() for p in compact.parameters())
     assert n_after < 0.6 * n_before
-    g2 = analyse(compact, forward=_runner(compact, shape)[0])
+    g2 = analyse(compact, forward=_runner(compact, shape)[0], strict=True)
     for (name, role), arr in graph.arrays.items():
         assert g2.arrays[(name, role)].channel.numel() == kept_positions(graph, keep, name, role).numel(), name
 

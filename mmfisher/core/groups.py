@@ -257,7 +257,7 @@ class CouplingGraph:
 
 
 def analyse(model: nn.Module, inputs: Union[Any, Callable[[], Any]] = None, *,
-            forward: Optional[Callable[[], Any]] = None) -> CouplingGraph:
+            forward: Optional[Callable[[], Any]] = None, strict: bool = False) -> CouplingGraph:
     """Find the coupled channel groups of ``model``.
 
     Args:
@@ -267,6 +267,9 @@ def analyse(model: nn.Module, inputs: Union[Any, Callable[[], Any]] = None, *,
         inputs: example input(s) for ``model(*inputs)`` (a tensor or a tuple).
         forward: instead of ``inputs``, a callable that runs the model (e.g.
             ``lambda: det._forward(batch)`` for an mmdet detector).
+        strict: raise :class:`mmfisher.core.trace.AnalysisRuleError` when one of the analysis's own op
+            rules fails, instead of leaving the channels it saw unpruned (for tests and the zoo check:
+            a bug in a rule must not look like an unsupported model).
     """
     if forward is None:
         if inputs is None:
@@ -274,7 +277,7 @@ def analyse(model: nn.Module, inputs: Union[Any, Callable[[], Any]] = None, *,
         args = inputs if isinstance(inputs, tuple) else (inputs,)
         forward = lambda: model(*args)  # noqa: E731
     t0 = time.perf_counter()
-    tracer = ChannelTracer(model)
+    tracer = ChannelTracer(model, strict=strict)
     training = {m: m.training for m in model.modules()}
     model.eval()
     try:

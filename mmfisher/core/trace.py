@@ -305,11 +305,16 @@ class _Mode(TorchFunctionMode):
         return out
 
 
+class AnalysisRuleError(RuntimeError):
+    """An op rule of the analysis itself failed (``analyse(..., strict=True)``): a bug, not a model limit."""
+
+
 class ChannelTracer:
     """Records atoms, unions and taints of one forward pass. See module docstring."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, strict: bool = False) -> None:
         self.model = model
+        self.strict = strict        # raise an op rule's own error instead of making its channels unprunable
         self.sets = AtomSets()
         self.names: Dict[int, str] = {}
         for name, m in model.named_modules(remove_duplicate=False):
@@ -546,6 +551,9 @@ class ChannelTracer:
             rule = self.rule_for(name)
             rule(name, inplace, args, kwargs, out, labelled, where)
         except Exception as e:  # never let the analysis crash the model: be conservative
+            if self.strict:
+                raise AnalysisRuleError(f'{where}: the rule for {raw} failed ({type(e).__name__}: {e}); with '
+                                        f'strict=False its channels would be left unpruned') from e
             for _, lab in labelled:
                 self.taint(lab, f'{where}: {raw} not understood ({type(e).__name__}: {e})')
 

@@ -105,7 +105,8 @@ def example_forward(model: nn.Module, shape: Sequence[int] = (1, 3, 320, 320)) -
     return lambda: tensor_forward(model, x, samples)
 
 
-def analyse_model(model: nn.Module, shape: Sequence[int] = (1, 3, 320, 320)) -> CouplingGraph:
-    """Coupled groups of an OpenMMLab model, recorded on a random input of ``shape``."""
+def analyse_model(model: nn.Module, shape: Sequence[int] = (1, 3, 320, 320), strict: bool = False) -> CouplingGraph:
+    """Coupled groups of an OpenMMLab model, recorded on a random input of ``shape`` (``strict``: see
+    :func:`mmfisher.core.analyse`)."""
     register_all_modules()
-    return analyse(model, forward=example_forward(model, shape))
+    return analyse(model, forward=example_forward(model, shape), strict=strict)
