@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import List, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -47,6 +48,12 @@ def random_batch(model: nn.Module, batch: int = 2, shape: Sequence[int] = (320, 
             s = DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
                                             batch_input_shape=(h, w), scale_factor=(1.0, 1.0)))
             s.gt_instances = InstanceData(bboxes=boxes, labels=torch.randint(0, n_cls, (k,), generator=g))
+            if getattr(model, 'with_mask', False) or getattr(getattr(model, 'roi_head', None), 'with_mask', False):
+                from mmdet.structures.mask import BitmapMasks
+                masks = np.zeros((k, h, w), dtype=np.uint8)
+                for i, (x0, y0, x1, y1) in enumerate(boxes.round().long().tolist()):
+                    masks[i, y0:y1 + 1, x0:x1 + 1] = 1       # the box, filled
+                s.gt_instances.masks = BitmapMasks(masks, h, w)
             samples.append(s)
     else:
         from mmpretrain.structures import DataSample

@@ -1,0 +1,30 @@
+"""The support matrix tool on a small fixed subset: TOOD (whose offsets only a deformable sampling reads)
+and an mmpretrain MobileNetV2 pass; a config the harness cannot build is a harness row, not a failure."""
+import json
+import os
+import os.path as osp
+import subprocess
+import sys
+
+ROOT = osp.abspath(osp.join(osp.dirname(__file__), '..'))
+
+
+def test_zoo_check_on_a_fixed_subset(tmp_path):
+    from helpers import config_path
+    broken = tmp_path / 'broken.py'
+    broken.write_text("_base_ = ['mmdet::retinanet/retinanet_r50_fpn_1x_coco.py']\nmodel = dict(type='NoSuchDetector')\n")
+    configs = [config_path('mmdet', 'tood/tood_r50_fpn_1x_coco.py'),
+               config_path('mmpretrain', 'mobilenet_v2/mobilenet-v2_8xb32_in1k.py'), str(broken)]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, 'tools/analysis_tools/zoo_check.py', '--configs', *configs, '--shape', '128',
+                          '--md', str(tmp_path / 'matrix.md'), '--json', str(tmp_path / 'matrix.json')],
+                         cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = {osp.basename(r['config']): r for r in json.load(open(tmp_path / 'matrix.json'))}
+    tood = rows['tood_r50_fpn_1x_coco.py']
+    assert tood['status'] == 'pass' and tood['max_rel_err'] <= 1e-4
+    assert any('compiled op DeformConv2dFunction' in r for r in tood['reasons'])
+    assert rows['mobilenet-v2_8xb32_in1k.py']['status'] == 'pass'
+    assert rows['broken.py']['status'] == 'harness' and 'NoSuchDetector' in rows['broken.py']['error']
+    md = (tmp_path / 'matrix.md').read_text()
+    assert '| mmdet | tood | `tood/tood_r50_fpn_1x_coco.py` | pass |' in md

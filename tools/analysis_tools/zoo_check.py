@@ -1,0 +1,374 @@
+"""The support matrix: every model family of mmdet's and mmpretrain's own config trees, pruned and checked.
+
+    python tools/analysis_tools/zoo_check.py [--packages mmdet mmpretrain] [--families retinanet fcos ...]
+                                             [--configs PATH ...] [--jobs 1] [--timeout 300] [--shape 256]
+                                             [--fraction 0.7] [--md docs/support_matrix.md]
+                                             [--json docs/support_matrix.json]
+
+For one representative config per family (the shortest name, preferring ResNet-50 and the 1x
+schedule; the next of three if the check cannot run it), in a subprocess with a time limit: build it with random weights (nothing downloaded),
+analyse it strictly (a failing op rule is an error, not "unprunable"), cut every prunable group to
+a random ``--fraction`` of its channels, write the channel spec as JSON and shrink a copy of the model
+from it, compare the compact model's outputs with the masked model's (relative 1e-4; two-stage
+detectors get the same proposals in both), then run one training step and one predict on the
+compact model with generated data. Every group that is not prunable is listed with its reason.
+
+A row is ``pass``, ``fail`` (something mmfisher does went wrong: the analysis, the shrink, the
+outputs, or the compact model's train / predict while the original's work), ``harness`` (the check
+itself could not run the model: it does not build here, or the original model's own train step or
+predict fails on generated data), ``timeout`` or ``nothing prunable``.
+"""
+import argparse
+import concurrent.futures
+import json
+import os
+import os.path as osp
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+ROOT = osp.abspath(osp.join(osp.dirname(__file__), '..', '..'))
+sys.path.insert(0, ROOT)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--packages', nargs='+', default=['mmdet', 'mmpretrain'], choices=['mmdet', 'mmpretrain'])
+    p.add_argument('--families', nargs='+', help='only these families (config folder names)')
+    p.add_argument('--configs', nargs='+', help='check these config files instead of one per family')
+    p.add_argument('--jobs', type=int, default=1, help='configs checked at once (each in its own process)')
+    p.add_argument('--timeout', type=float, default=300, help='seconds per config')
+    p.add_argument('--shape', type=int, default=256, help='input size for detectors (classifiers: 224)')
+    p.add_argument('--fraction', type=float, default=0.7, help='share of every prunable group kept')
+    p.add_argument('--md', help='write the matrix as markdown here')
+    p.add_argument('--json', help='write the results as JSON here')
+    p.add_argument('--worker', help=argparse.SUPPRESS)
+    p.add_argument('--worker-out', help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- which configs
+def config_root(package):
+    mod = __import__(package)
+    return osp.join(osp.dirname(mod.__file__), '.mim', 'configs')
+
+
+def candidates(folder, n=3):
+    """The configs a family is checked with, best first: the shortest names, preferring ResNet-50 and the
+    1x schedule. The first the harness can run represents the family."""
+    names = [x for x in os.listdir(folder) if x.endswith('.py') and not x.startswith('_')]
+    names.sort(key=lambda x: ('r50' not in x, '1x' not in x, len(x), x))
+    return [osp.join(folder, x) for x in names[:n]]
+
+
+def family_configs(packages, families=None):
+    out = []
+    for package in packages:
+        root = config_root(package)
+        for fam in sorted(os.listdir(root)):
+            folder = osp.join(root, fam)
+            if fam.startswith('_') or not osp.isdir(folder) or (families and fam not in families):
+                continue
+            cfgs = candidates(folder)
+            if cfgs:
+                out.append((package, fam, cfgs))
+    return out
+
+
+# ---------------------------------------------------------------- one config (in a worker process)
+class Harness(Exception):
+    """The check could not run the model (not mmfisher's fault)."""
+
+
+def _step(name, fn, harness=False):
+    try:
+        return fn()
+    except Harness:
+        raise
+    except Exception as e:  # noqa: BLE001
+        msg = f'{name}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ""}'
+        if harness:
+            raise Harness(msg) from e
+        raise RuntimeError(msg) from e
+
+
+def _randomise_norms(model, seed=0):
+    import torch
+    import torch.nn as nn
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) and m.weight is not None:
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+                if getattr(m, 'running_mean', None) is not None:
+                    m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.4 - 0.2)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def _outputs(model, x, samples, proposals=None):
+    """The network's tensors in 'tensor' mode; two-stage detectors with the given proposals (or their own)."""
+    from mmfisher.core.trace import _flat_tensors
+    from mmfisher.openmmlab.analysis import tensor_forward
+    try:
+        from mmdet.models.detectors import TwoStageDetector
+    except ImportError:  # pragma: no cover
+        TwoStageDetector = ()
+    if isinstance(model, TwoStageDetector) and model.with_rpn:
+        feats = model.extract_feat(x)
+        rpn = model.rpn_head.forward(feats)
+        if proposals is None:
+            proposals = model.rpn_head.predict(feats, samples, rescale=False)
+        roi = model.roi_head.forward(feats, proposals, samples)
+        return _flat_tensors((rpn, roi), [], -8), proposals
+    return _flat_tensors(tensor_forward(model, x, samples), [], -8), None
+
+
+def _parts(graph):
+    """Per part (backbone / neck / head): conv/linear layers, and those in a prunable group."""
+    layers = [n for n, r in graph.records.items() if r.kind in ('conv', 'linear')]
+    prunable = set()
+    for g in graph.groups:
+        if g.prunable:
+            prunable.update(g.producers)
+            prunable.update(g.consumers)
+    out = {}
+    for n in layers:
+        part = n.split('.')[0] if n.split('.')[0] in ('backbone', 'neck') else 'head'
+        total, pr = out.get(part, (0, 0))
+        out[part] = (total + 1, pr + (n in prunable))
+    return out
+
+
+def check(config, shape, fraction):
+    """Everything about one config, as plain data."""
+    import copy
+
+    import torch
+    from mmengine.config import Config
+
+    from mmfisher.core import ConsumerInputs, analyse, make_spec, shrink
+    from mmfisher.openmmlab import build_from_config, example_forward
+    from mmfisher.openmmlab.analysis import default_scope_of, example_samples
+    from mmfisher.openmmlab.synthetic import loss_of, random_batch
+
+    t0 = time.perf_counter()
+    row = {'config': config}
+    cfg = _step('config', lambda: Config.fromfile(config), harness=True)
+    classifier = default_scope_of(cfg) == 'mmpretrain'
+    hw = (224, 224) if classifier else (shape, shape)
+    torch.manual_seed(0)
+    model = _step('build', lambda: build_from_config(cfg), harness=True)
+    _randomise_norms(model)
+    model.eval()
+    x = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(0))
+    samples = example_samples(model, tuple(x.shape))
+    batch = _step('generated batch', lambda: random_batch(model, 2, hw), harness=True)
+
+    def train_and_predict(m, what, harness):
+        def run():
+            m.train()
+            loss = loss_of(m, *batch)
+            loss.backward()
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f'loss {float(loss)}')
+            m.eval()
+            with torch.no_grad():
+                m.predict(batch[0], copy.deepcopy(batch[1]))
+        _step(f'{what} train step / predict', run, harness=harness)
+
+    from mmengine.logging import MessageHub
+    hub = MessageHub.get_current_instance()      # what a runner tells the model (TOOD reads the epoch)
+    hub.update_info('epoch', 0)
+    hub.update_info('iter', 0)
+    pristine = copy.deepcopy(model)
+    train_and_predict(copy.deepcopy(model), 'original model', harness=True)   # the control
+
+    graph = _step('analysis', lambda: analyse(model, forward=example_forward(model, tuple(x.shape)), strict=True))
+    s = graph.summary()
+    row.update(groups=s['groups'], prunable_groups=s['prunable_groups'], layers=s['layers'],
+               prunable_layers=s['prunable_layers'], parts=_parts(graph),
+               reasons=sorted({g.reasons[0] for g in graph.groups if not g.prunable and g.reasons != ['model output']}))
+    if not s['prunable_groups']:
+        row.update(status='nothing prunable', seconds=time.perf_counter() - t0)
+        return row
+    g = torch.Generator().manual_seed(1)
+    keep = torch.ones(graph.num_channels, dtype=torch.bool)
+    for grp in graph.groups:
+        if grp.prunable:
+            k = max(1, int(round(grp.size * fraction)))
+            sub = torch.zeros(grp.size, dtype=torch.bool)
+            sub[torch.randperm(grp.size, generator=g)[:k]] = True
+            keep[grp.offset:grp.offset + grp.size] = sub
+    spec = json.loads(json.dumps(make_spec(graph, keep)))
+    compact = _step('shrink from the JSON spec', lambda: shrink(copy.deepcopy(pristine), graph, spec))
+
+    def compare():
+        masks = ConsumerInputs(model, graph)
+        masks.set_keep(keep)
+        masks.attach()
+        try:
+            with torch.no_grad():
+                ref, proposals = _outputs(model, x, samples)
+        finally:
+            masks.detach()
+        compact.eval()
+        with torch.no_grad():
+            out, _ = _outputs(compact, x, samples, proposals)
+        if len(ref) != len(out):
+            raise AssertionError(f'{len(ref)} outputs masked, {len(out)} compact')
+        err = 0.0
+        for a, b in zip(ref, out):
+            if a.shape != b.shape:
+                raise AssertionError(f'output shapes {tuple(a.shape)} masked, {tuple(b.shape)} compact')
+            err = max(err, float((a - b).abs().max() / (a.abs().max() + 1e-6)))
+        return err
+    row['max_rel_err'] = _step('compare outputs', compare)
+    train_and_predict(compact, 'compact model', harness=False)
+    row['status'] = 'pass' if row['max_rel_err'] <= 1e-4 else 'fail'
+    if row['status'] == 'fail':
+        row['error'] = f'compact outputs differ from the masked model\'s by {row["max_rel_err"]:.2e} (relative)'
+    row['seconds'] = time.perf_counter() - t0
+    return row
+
+
+def worker(config, out, shape, fraction):
+    from mmfisher.openmmlab import register_all_modules
+    register_all_modules()
+    t0 = time.perf_counter()
+    try:
+        row = check(config, shape, fraction)
+    except Harness as e:
+        row = {'config': config, 'status': 'harness', 'error': str(e)}
+    except Exception as e:  # noqa: BLE001
+        row = {'config': config, 'status': 'fail', 'error': str(e),
+               'traceback': traceback.format_exc()[-2000:]}
+    row.setdefault('seconds', time.perf_counter() - t0)
+    with open(out, 'w') as f:
+        json.dump(row, f)
+
+
+# ---------------------------------------------------------------- the matrix
+def run_family(package, family, configs, args):
+    """The first candidate config whose check is not a harness failure (else the last one's row)."""
+    row = None
+    for config in configs:
+        row = run_one(package, family, config, args)
+        if row['status'] != 'harness':
+            break
+    return row
+
+
+def run_one(package, family, config, args):
+    with tempfile.TemporaryDirectory() as tmp:
+        out = osp.join(tmp, 'row.json')
+        cmd = [sys.executable, osp.abspath(__file__), '--worker', config, '--worker-out', out,
+               '--shape', str(args.shape), '--fraction', str(args.fraction)]
+        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+        t0 = time.perf_counter()
+        try:
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+        except subprocess.TimeoutExpired:
+            return {'package': package, 'family': family, 'config': config, 'status': 'timeout',
+                    'error': f'over {args.timeout:.0f} s', 'seconds': time.perf_counter() - t0}
+        if osp.isfile(out):
+            with open(out) as f:
+                row = json.load(f)
+        else:   # the process died (a crash in a compiled op, a segfault): say so with its last words
+            row = {'status': 'fail' if res.returncode < 0 else 'harness',
+                   'error': f'worker exited with {res.returncode}: {res.stderr.strip().splitlines()[-1:]}'}
+    row.update(package=package, family=family, config=config)
+    return row
+
+
+def rel(config):
+    for package in ('mmdet', 'mmpretrain'):
+        try:
+            root = config_root(package)
+        except ImportError:
+            continue
+        if config.startswith(root):
+            return osp.relpath(config, root)
+    return config
+
+
+def markdown(rows, args):
+    import mmdet
+    import mmengine
+    import torch
+    try:
+        import mmpretrain
+        pre = mmpretrain.__version__
+    except ImportError:
+        pre = 'not installed'
+    counts = {}
+    for r in rows:
+        counts[r['status']] = counts.get(r['status'], 0) + 1
+    lines = [
+        '# Support matrix',
+        '',
+        f'`python tools/analysis_tools/zoo_check.py{" --families " + " ".join(args.families) if args.families else ""}'
+        f' --shape {args.shape} --fraction {args.fraction}` with mmdet {mmdet.__version__}, mmpretrain {pre}, '
+        f'mmengine {mmengine.__version__}, torch {torch.__version__}: ' +
+        ', '.join(f'{v} {k}' for k, v in sorted(counts.items())) + '.',
+        '',
+        'Per family, one config (random weights): strict analysis; every prunable group cut to a random '
+        f'{args.fraction:.0%}; the compact model shrunk from the JSON spec; its outputs against the masked '
+        'model\'s (two-stage detectors: the same proposals); one train step and one predict on it. '
+        'Prunable layers: conv/linear layers in a prunable group, per part.',
+        '',
+        '| package | family | config | status | groups (prunable) | prunable layers: backbone / neck / head | '
+        'max rel. error | not prunable, first reasons | s |',
+        '|---|---|---|---|---|---|---|---|---|',
+    ]
+    for r in rows:
+        parts = r.get('parts', {})
+        share = ' / '.join(f'{parts[p][1]}/{parts[p][0]}' if p in parts else '-' for p in ('backbone', 'neck', 'head'))
+        reasons = '; '.join(x.replace('|', '/') for x in r.get('reasons', [])[:2])
+        if r.get('error'):
+            reasons = f'**{r["error"]}**'.replace('|', '/') + ('; ' + reasons if reasons else '')
+        err = f'{r["max_rel_err"]:.1e}' if 'max_rel_err' in r else '-'
+        groups = f'{r["groups"]} ({r["prunable_groups"]})' if 'groups' in r else '-'
+        lines.append(f'| {r["package"]} | {r["family"]} | `{rel(r["config"])}` | {r["status"]} | {groups} | '
+                     f'{share if parts else "-"} | {err} | {reasons} | {r.get("seconds", 0):.0f} |')
+    return '\n'.join(lines) + '\n'
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.worker:
+        return worker(args.worker, args.worker_out, args.shape, args.fraction)
+    from mmfisher.openmmlab import register_all_modules
+    register_all_modules()
+    if args.configs:
+        todo = [('mmpretrain' if 'mmpretrain' in c else 'mmdet', osp.basename(osp.dirname(c)), [c])
+                for c in args.configs]
+    else:
+        todo = family_configs(args.packages, args.families)
+    if not todo:
+        sys.exit('error: no config to check (see --packages / --families / --configs)')
+    rows = [None] * len(todo)
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
+        futures = {pool.submit(run_family, *t, args): i for i, t in enumerate(todo)}
+        for fut in concurrent.futures.as_completed(futures):
+            i = futures[fut]
+            rows[i] = fut.result()
+            r = rows[i]
+            print(f'[zoo] {r["package"]}/{r["family"]}: {r["status"]}'
+                  + (f' ({r["error"]})' if r.get('error') else '')
+                  + (f', max rel. error {r["max_rel_err"]:.1e}' if 'max_rel_err' in r else ''), flush=True)
+    text = markdown(rows, args)
+    print(text)
+    if args.md:
+        with open(args.md, 'w') as f:
+            f.write(text)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(rows, f, indent=1)
+    return rows
+
+
+if __name__ == '__main__':
+    main()
