@@ -82,7 +82,6 @@ class Study:
         self.data = osp.abspath(args.data_root).rstrip('/') + '/'
         self.quick = args.quick
         os.makedirs(osp.join(self.work, 'runs'), exist_ok=True)
-        self.timings = {}
 
     def data_block(self):
         r = self.data
@@ -139,7 +138,6 @@ param_scheduler = [
         if res.returncode != 0:
             sys.exit(f'[study] {name} failed (exit code {res.returncode}); see {osp.join(d, "train.log")}')
         seconds = time.perf_counter() - t0
-        self.timings[name] = seconds
         result = {'key': key, 'seconds': seconds, **self._metrics(d)}
         with open(done, 'w') as f:
             json.dump(result, f)

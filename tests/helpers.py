@@ -7,24 +7,12 @@ import torch.nn as nn
 
 from mmfisher.core import ConsumerInputs, shrink
 from mmfisher.core.trace import _flat_tensors
+from mmfisher.openmmlab.synthetic import randomise_norms  # noqa: F401  (used by the tests)
 
 
 def config_path(package: str, rel: str) -> str:
     mod = __import__(package)
     return os.path.join(os.path.dirname(mod.__file__), '.mim', 'configs', rel)
-
-
-def randomise_norms(model: nn.Module, seed: int = 0) -> None:
-    """Non-trivial norm parameters and statistics, so removed channels would show."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) and m.weight is not None:
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
-                if getattr(m, 'running_mean', None) is not None:
-                    m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.4 - 0.2)
-                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
 
 
 def random_keep(graph, fraction: float = 0.5, seed: int = 0) -> torch.Tensor:

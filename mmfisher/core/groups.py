@@ -213,13 +213,21 @@ class CouplingGraph:
             out[g.offset:g.offset + g.size] = g.index
         return out
 
-    def summary(self) -> Dict[str, Any]:
-        layers = [n for n, r in self.records.items() if r.kind in ('conv', 'linear')]
+    def layers(self) -> List[str]:
+        """Conv and linear layers, in call order."""
+        return [n for n, r in self.records.items() if r.kind in ('conv', 'linear')]
+
+    def prunable_layers(self) -> set:
+        """Layers that write or read a prunable group."""
         pr = set()
         for g in self.groups:
             if g.prunable:
                 pr.update(g.producers)
                 pr.update(g.consumers)
+        return pr
+
+    def summary(self) -> Dict[str, Any]:
+        layers, pr = self.layers(), self.prunable_layers()
         return {
             'groups': len(self.groups),
             'prunable_groups': sum(g.prunable for g in self.groups),

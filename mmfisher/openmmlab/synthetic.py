@@ -68,3 +68,16 @@ def loss_of(model: nn.Module, inputs: torch.Tensor, samples: List) -> torch.Tens
     losses = model.loss(inputs, samples)
     total, _ = model.parse_losses(losses)
     return total
+
+
+def randomise_norms(model: nn.Module, seed: int = 0) -> None:
+    """Non-trivial norm parameters and statistics, so removed channels would show."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) and m.weight is not None:
+            with torch.no_grad():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
+                if getattr(m, 'running_mean', None) is not None:
+                    m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.4 - 0.2)
+                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)

@@ -61,3 +61,23 @@ def build_runner(cfg):
     from mmengine.runner import Runner
     setup_cpu_distributed(cfg)
     return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
+
+
+def analysis_tool_config(config: str, cfg_options):
+    """The config an analysis tool (print_groups, uniform_spec) reads, with ``--cfg-options`` merged;
+    exits with a clear message if the file does not exist."""
+    from mmengine.config import Config
+    if not osp.isfile(config):
+        sys.exit(f'error: config file {config!r} does not exist')
+    cfg = Config.fromfile(config)
+    if cfg_options:
+        cfg.merge_from_dict(cfg_options)
+    return cfg
+
+
+def analysis_shape(cfg, shape) -> tuple:
+    """``(H, W)`` from a ``--shape H [W]`` argument, else 224x224 for classifiers and 320x320 for detectors."""
+    from .analysis import default_scope_of
+    if shape is None:
+        return (224, 224) if default_scope_of(cfg) == 'mmpretrain' else (320, 320)
+    return tuple(shape[:2]) * (2 if len(shape) == 1 else 1)

@@ -32,24 +32,15 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from mmengine.config import Config
-
-    from mmfisher.openmmlab import build_from_config, example_forward
-    from mmfisher.openmmlab.analysis import default_scope_of
     from mmfisher.core import analyse
+    from mmfisher.openmmlab import build_from_config, example_forward
+    from mmfisher.openmmlab.tools_common import analysis_shape, analysis_tool_config
 
-    if not os.path.isfile(args.config):
-        sys.exit(f'error: config file {args.config!r} does not exist')
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = analysis_tool_config(args.config, args.cfg_options)
     t0 = time.perf_counter()
     model = build_from_config(cfg)
     t_build = time.perf_counter() - t0
-    if args.shape is None:
-        hw = (224, 224) if default_scope_of(cfg) == 'mmpretrain' else (320, 320)
-    else:
-        hw = tuple(args.shape) * (2 if len(args.shape) == 1 else 1)
+    hw = analysis_shape(cfg, args.shape)
     graph = analyse(model, forward=example_forward(model, (args.batch, 3) + tuple(hw[:2])))
     print(graph.report())
     print(f'(model built in {t_build:.2f} s; input {args.batch}x3x{hw[0]}x{hw[1]})')

@@ -39,26 +39,17 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from mmengine.config import Config
-
     from mmfisher.core import analyse, make_spec
     from mmfisher.core.cost import CostModel
     from mmfisher.core.uniform import uniform_keep, uniform_keep_for
     from mmfisher.openmmlab import build_from_config, example_forward
-    from mmfisher.openmmlab.analysis import default_scope_of
+    from mmfisher.openmmlab.tools_common import analysis_shape, analysis_tool_config
 
-    if not os.path.isfile(args.config):
-        sys.exit(f'error: config file {args.config!r} does not exist')
     if os.path.exists(args.out):
         sys.exit(f'error: {args.out!r} exists; give another --out (nothing is overwritten)')
-    cfg = Config.fromfile(args.config)
-    if args.cfg_options:
-        cfg.merge_from_dict(args.cfg_options)
+    cfg = analysis_tool_config(args.config, args.cfg_options)
     model = build_from_config(cfg)
-    if args.shape is None:
-        hw = (224, 224) if default_scope_of(cfg) == 'mmpretrain' else (320, 320)
-    else:
-        hw = tuple(args.shape) * (2 if len(args.shape) == 1 else 1)
+    hw = analysis_shape(cfg, args.shape)
     graph = analyse(model, forward=example_forward(model, (1, 3) + tuple(hw[:2])))
     cost = CostModel(model, graph)
     if args.width is not None:

@@ -94,20 +94,6 @@ def _step(name, fn, harness=False):
         raise RuntimeError(msg) from e
 
 
-def _randomise_norms(model, seed=0):
-    import torch
-    import torch.nn as nn
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm)) and m.weight is not None:
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(m.bias.shape, generator=g) - 0.5)
-                if getattr(m, 'running_mean', None) is not None:
-                    m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.4 - 0.2)
-                    m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-
-
 def _outputs(model, x, samples, proposals=None):
     """The network's tensors in 'tensor' mode; two-stage detectors with the given proposals (or their own)."""
     from mmfisher.core.trace import _flat_tensors
@@ -128,14 +114,9 @@ def _outputs(model, x, samples, proposals=None):
 
 def _parts(graph):
     """Per part (backbone / neck / head): conv/linear layers, and those in a prunable group."""
-    layers = [n for n, r in graph.records.items() if r.kind in ('conv', 'linear')]
-    prunable = set()
-    for g in graph.groups:
-        if g.prunable:
-            prunable.update(g.producers)
-            prunable.update(g.consumers)
+    prunable = graph.prunable_layers()
     out = {}
-    for n in layers:
+    for n in graph.layers():
         part = n.split('.')[0] if n.split('.')[0] in ('backbone', 'neck') else 'head'
         total, pr = out.get(part, (0, 0))
         out[part] = (total + 1, pr + (n in prunable))
@@ -152,7 +133,7 @@ def check(config, shape, fraction):
     from mmfisher.core import ConsumerInputs, analyse, make_spec, shrink
     from mmfisher.openmmlab import build_from_config, example_forward
     from mmfisher.openmmlab.analysis import default_scope_of, example_samples
-    from mmfisher.openmmlab.synthetic import loss_of, random_batch
+    from mmfisher.openmmlab.synthetic import loss_of, random_batch, randomise_norms
 
     t0 = time.perf_counter()
     row = {'config': config}
@@ -161,7 +142,7 @@ def check(config, shape, fraction):
     hw = (224, 224) if classifier else (shape, shape)
     torch.manual_seed(0)
     model = _step('build', lambda: build_from_config(cfg), harness=True)
-    _randomise_norms(model)
+    randomise_norms(model)
     model.eval()
     x = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(0))
     samples = example_samples(model, tuple(x.shape))
