@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from mmfisher.core import ConsumerInputs, shrink
-from mmfisher.core.trace import _flat_tensors
+from mmfisher.core.atoms import flat_tensors
 from mmfisher.openmmlab.synthetic import randomise_norms  # noqa: F401  (used by the tests)
 
 
@@ -35,11 +35,11 @@ def masked_and_shrunk(model, graph, keep, run):
     masks.set_keep(keep)
     masks.attach()
     with torch.no_grad():
-        ref = _flat_tensors(run(model), [], -8)
+        ref = flat_tensors(run(model), [], -8)
     masks.detach()
     compact = shrink(copy.deepcopy(model), graph, keep)
     with torch.no_grad():
-        out = _flat_tensors(run(compact), [], -8)
+        out = flat_tensors(run(compact), [], -8)
     return ref, out, compact
 
 

@@ -266,15 +266,15 @@ def test_analysis_restores_training_flags_and_leaves_weights_alone():
 
 def test_without_its_handler_an_roi_extractor_makes_the_fpn_unprunable():
     """The safety net: mmcv RoIAlign is a compiled op; unhandled, it must taint what it reads."""
-    from mmfisher.core import trace
+    from mmfisher.core import layers
     from mmfisher.openmmlab import analyse_model, build_from_config
     model = build_from_config(config_path('mmdet', 'faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py'))
-    saved = list(trace._HANDLERS)
-    trace._HANDLERS.clear()
+    saved = list(layers._TYPES)
+    layers._TYPES[:] = [(cls, lt) for cls, lt in saved if lt.kind != 'roi_extractor']
     try:
         g = analyse_model(model, (1, 3, 96, 96))
     finally:
-        trace._HANDLERS[:] = saved
+        layers._TYPES[:] = saved
     fpn = g.group('neck.fpn_convs.0.conv')
     assert not fpn.prunable
     assert any('compiled op' in r for r in fpn.reasons), fpn.reasons
@@ -302,11 +302,11 @@ def test_a_layernorm_subclass_over_channels_first_is_traced_not_trusted():
 
 
 def test_a_failing_op_rule_is_an_error_under_strict_and_unprunable_otherwise(monkeypatch):
-    from mmfisher.core.trace import AnalysisRuleError, ChannelTracer
+    from mmfisher.core import OP_RULES, AnalysisRuleError
 
-    def broken(self, *args):
+    def broken(tr, op):
         raise IndexError('a bug in the rule')
-    monkeypatch.setattr(ChannelTracer, 'rule_cat', broken)
+    monkeypatch.setitem(OP_RULES, 'cat', broken)
     body = Lambda(lambda x: torch.cat([x, x], 1)[:, :8])
     with pytest.raises(AnalysisRuleError, match=r'the rule for cat failed \(IndexError: a bug in the rule\)'):
         analyse(Two(body), torch.randn(1, 3, 8, 8), strict=True)

@@ -6,7 +6,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mmfisher.core import analyse
-from mmfisher.core.criteria import CRITERIA, ImportanceCriterion, build_criterion, filter_l1, register_criterion
+from mmfisher.core.criteria import CRITERIA, ImportanceCriterion, build_criterion, register_criterion
+from mmfisher.core.layers import layer_type_for
 from mmfisher.core.pruner import GroupFisherPruner
 from test_pruner import ResNetish, train
 
@@ -34,8 +35,7 @@ def test_filter_l1_is_the_layer_applied_to_its_kept_inputs(layer):
     torch.manual_seed(0)
     n_in = layer.in_features if isinstance(layer, nn.Linear) else layer.in_channels
     for keep_in in (torch.ones(n_in, dtype=torch.bool), torch.arange(n_in) % 3 != 1):
-        kind = 'linear' if isinstance(layer, nn.Linear) else 'conv'
-        got = filter_l1(layer, kind, keep_in)
+        got = layer_type_for(layer).filter_l1(layer, keep_in)
         assert torch.allclose(got, reference_l1(layer, keep_in), rtol=1e-12)
 
 

@@ -49,8 +49,8 @@ def test_compact_equals_masked(package, config):
     # the masks really removed something: unmasked outputs differ
     with torch.no_grad():
         plain = run(model)
-    from mmfisher.core.trace import _flat_tensors
-    plain = _flat_tensors(plain, [], -8)
+    from mmfisher.core.atoms import flat_tensors
+    plain = flat_tensors(plain, [], -8)
     assert any(a.shape != b.shape or float((a - b).abs().max()) > 1e-3 * float(a.abs().max())
                for a, b in zip(ref, plain))
     # fewer parameters, and every layer of the compact model has exactly the kept positions
@@ -83,5 +83,5 @@ def test_compact_model_prints_saves_and_reloads():
     compact.eval()
     other.eval()
     with torch.no_grad():
-        from mmfisher.core.trace import _flat_tensors
-        assert max_rel_err(_flat_tensors(run(compact), [], -8), _flat_tensors(run(other), [], -8)) == 0
+        from mmfisher.core.atoms import flat_tensors
+        assert max_rel_err(flat_tensors(run(compact), [], -8), flat_tensors(run(other), [], -8)) == 0

@@ -42,7 +42,7 @@ def main(argv=None):
     args = parse_args(argv)
     from mmfisher.core import analyse
     from mmfisher.core.pruner import GroupFisherPruner
-    from mmfisher.core.trace import _flat_tensors
+    from mmfisher.core.atoms import flat_tensors
     from mmfisher.openmmlab import build_from_config, example_forward
     from mmfisher.openmmlab.analysis import example_samples, tensor_forward
     from mmfisher.openmmlab.synthetic import loss_of, random_batch
@@ -95,12 +95,12 @@ def main(argv=None):
     x = torch.randn(*shape)
     samples = example_samples(model, shape)
     with torch.no_grad():
-        masked = _flat_tensors(tensor_forward(model, x, samples), [], -8)
+        masked = flat_tensors(tensor_forward(model, x, samples), [], -8)
     compact = pruner.export()
     compact.eval()
     pruner.detach()
     with torch.no_grad():
-        out = _flat_tensors(tensor_forward(compact, x, samples), [], -8)
+        out = flat_tensors(tensor_forward(compact, x, samples), [], -8)
     err = max(float((a - b).abs().max() / (a.abs().max() + 1e-6)) for a, b in zip(masked, out))
 
     r = pruner.ratios()

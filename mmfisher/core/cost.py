@@ -17,9 +17,8 @@ FLOPs a channel costs depend on how many channels its neighbours still have.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn as nn
@@ -53,27 +52,19 @@ class CostModel:
         self.num_channels = U
         batch = float(graph.batch_size or 1)
         self.layers: List[_Layer] = []
-        self.norms: List[torch.Tensor] = []
+        self.norms: List[Tuple[torch.Tensor, float]] = []   # per-channel arrays: (channel index, params each)
         for name, rec in graph.records.items():
-            m = rec.module
-            if rec.kind in ('conv', 'linear') and 'out' in rec.arrays:
+            m, lt = rec.module, rec.layer_type
+            if lt.produces and 'out' in rec.arrays:
                 out_idx = self._ext(graph.arrays[(name, 'out')].channel, U)
                 in_idx = self._ext(graph.arrays[(name, 'in')].channel, U)
-                rows = sum(c.rows for c in rec.calls) / batch
-                flop_rows = rows
-                if isinstance(m, nn.modules.conv._ConvTransposeNd):
-                    flop_rows = sum(math.prod(c.in_shape) // c.in_shape[1] for c in rec.calls) / batch
-                if rec.kind == 'conv':
-                    kernel = int(torch.tensor(m.kernel_size).prod())
-                    groups = m.groups
-                else:
-                    kernel, groups = 1, 1
+                geo = lt.geometry(m, rec, batch)
                 ou, on = self._counts(out_idx, U)
                 iu, inn = self._counts(in_idx, U)
-                self.layers.append(_Layer(out_idx, in_idx, rows, flop_rows, kernel, in_idx.numel() // groups, groups > 1,
-                                          getattr(m, 'bias', None) is not None, ou, on, iu, inn))
-            elif rec.kind == 'norm' and getattr(m, 'weight', None) is not None:
-                self.norms.append(self._ext(graph.arrays[(name, 'feat')].channel, U))
+                self.layers.append(_Layer(out_idx, in_idx, geo.rows, geo.flop_rows, geo.kernel,
+                                          in_idx.numel() // geo.groups, geo.groups > 1, geo.bias, ou, on, iu, inn))
+            elif 'feat' in rec.arrays and lt.params_per_channel(m):
+                self.norms.append((self._ext(graph.arrays[(name, 'feat')].channel, U), lt.params_per_channel(m)))
         seen = set()
         self.total_params = 0
         for p in model.parameters():
@@ -112,8 +103,8 @@ class CostModel:
             flops += L.flop_rows * L.kernel * n_out * per_out
             memory += L.rows * n_out
             params += L.kernel * n_out * per_out + (n_out if L.bias else 0.0)
-        for idx in self.norms:
-            params += 2.0 * float(alive[idx].sum())
+        for idx, per in self.norms:
+            params += per * float(alive[idx].sum())
         return flops, memory, params
 
     def totals(self, keep: torch.Tensor) -> Dict[str, float]:
@@ -155,6 +146,6 @@ class CostModel:
             if kind == 'params' and L.bias:
                 out.index_add_(0, L.out_u, L.out_n)
         if kind == 'params':
-            for idx in self.norms:
-                out.index_add_(0, idx, torch.full((idx.numel(),), 2.0, dtype=torch.float64))
+            for idx, per in self.norms:
+                out.index_add_(0, idx, torch.full((idx.numel(),), per, dtype=torch.float64))
         return out[:U]

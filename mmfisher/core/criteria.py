@@ -28,7 +28,6 @@ from __future__ import annotations
 from typing import Any, Dict, Tuple, Type
 
 import torch
-import torch.nn as nn
 
 CRITERIA: Dict[str, Type['ImportanceCriterion']] = {}
 
@@ -89,24 +88,6 @@ class FisherCriterion(ImportanceCriterion):
         return f.accum.double(), f.evidence.clone(), int(f.valid_passes)
 
 
-def filter_l1(module: nn.Module, kind: str, keep_in: torch.Tensor) -> torch.Tensor:
-    """``[out]`` L1 norm of the filter writing each output position of a conv / linear layer,
-    over the input positions ``keep_in`` (``[in]`` bool) only."""
-    w = module.weight.detach().abs().double()
-    if kind == 'linear':
-        return (w * keep_in.to(w.device, w.dtype)[None, :]).sum(1).cpu()
-    g = module.groups
-    if getattr(module, 'transposed', False):         # [in, out / g, *k]
-        per_in = w.flatten(2).sum(2) * keep_in.to(w.device, w.dtype)[:, None]        # [in, out / g]
-        ipg = w.shape[0] // g
-        return per_in.reshape(g, ipg, -1).sum(1).reshape(-1).cpu()                 # [out]
-    out, ipg = w.shape[0], w.shape[1]                                             # [out, in / g, *k]
-    opg = out // g
-    in_index = (torch.arange(out) // opg)[:, None] * ipg + torch.arange(ipg)[None, :]
-    mask = keep_in[in_index].to(w.device, w.dtype)                                # [out, in / g]
-    return (w.flatten(2).sum(2) * mask).sum(1).cpu()
-
-
 @register_criterion('l1')
 class L1Criterion(ImportanceCriterion):
     """Sum over the channel's producing layers of its filter's L1 norm (kept inputs only)."""
@@ -118,11 +99,11 @@ class L1Criterion(ImportanceCriterion):
         ext = torch.cat([keep.bool(), torch.ones(1, dtype=torch.bool)])
         modules = dict(pruner.model.named_modules())
         for name, rec in graph.records.items():
-            if rec.kind not in ('conv', 'linear') or 'out' not in rec.arrays:
+            if not rec.layer_type.produces or 'out' not in rec.arrays:
                 continue
             m = modules.get(name, rec.module)
             keep_in = ext[graph.arrays[(name, 'in')].channel]      # untracked inputs (-1) count as kept
-            l1 = filter_l1(m, rec.kind, keep_in)
+            l1 = rec.layer_type.filter_l1(m, keep_in)
             out_chan = graph.arrays[(name, 'out')].channel
             imp.index_add_(0, torch.where(out_chan >= 0, out_chan, torch.full_like(out_chan, U)), l1)
         return imp[:U], torch.ones(U, dtype=torch.bool), 1
@@ -144,5 +125,5 @@ class RandomCriterion(ImportanceCriterion):
         return torch.rand(U, generator=g, dtype=torch.float64), torch.ones(U, dtype=torch.bool), 1
 
 
-__all__ = ['ImportanceCriterion', 'register_criterion', 'build_criterion', 'CRITERIA', 'filter_l1',
+__all__ = ['ImportanceCriterion', 'register_criterion', 'build_criterion', 'CRITERIA',
            'FisherCriterion', 'L1Criterion', 'RandomCriterion']

@@ -20,7 +20,9 @@ from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .trace import ChannelTracer, ModuleRecord, handler_for
+from .atoms import connected_roots
+from .layers import ModuleRecord
+from .trace import ChannelTracer
 
 
 @dataclass
@@ -77,69 +79,56 @@ class CouplingGraph:
     # ------------------------------------------------------------------ #
     def _build(self, tracer: ChannelTracer) -> None:
         sets = tracer.sets
-        find = sets.find
-        roots_of: Dict[Tuple[str, str], List[int]] = {}
+        root = sets.roots()                                   # [atoms] class root of every atom
+        roots_of: Dict[Tuple[str, str], torch.Tensor] = {}    # class root of every position, -1: untracked
         for name, rec in self.records.items():
             for role, atoms in rec.arrays.items():
-                roots_of[(name, role)] = [find(a) if a >= 0 else -1 for a in atoms.tolist()]
+                roots_of[(name, role)] = torch.where(atoms >= 0, root.index_select(0, atoms.clamp(min=0)), atoms)
 
-        # classes with a producer, grouped by co-occurrence in a producer's output
-        parent: Dict[int, int] = {}
+        # the classes some producer writes, in order of first appearance over the producers' outputs
+        producers = [name for name, rec in self.records.items()
+                     if rec.layer_type.produces and 'out' in rec.arrays and rec.arrays['out'].numel()]
+        outs = [roots_of[(name, 'out')] for name in producers]
+        seq = torch.cat(outs) if outs else torch.zeros(0, dtype=torch.long)
+        seq_producer = torch.cat([torch.full((o.numel(),), k) for k, o in enumerate(outs)]) if outs else seq
+        # classes written by one producer are one group
+        group_root = connected_roots(sets.size, [(o[:1].expand(o.numel() - 1), o[1:]) for o in outs if o.numel() > 1])
+        pos = torch.arange(seq.numel())
+        never = seq.numel()
+        first_pos = torch.full((sets.size,), never).scatter_reduce_(0, seq, pos, 'amin')
+        group_first = torch.full((sets.size,), never).scatter_reduce_(0, group_root.index_select(0, seq), pos, 'amin')
+        classes = seq.unique()
+        classes = classes.index_select(0, first_pos.index_select(0, classes).argsort())
+        class_group_first = group_first.index_select(0, group_root.index_select(0, classes))
+        order = class_group_first.argsort(stable=True)
+        classes = classes.index_select(0, order)               # [num_channels] root of every flat channel
+        class_group_first = class_group_first.index_select(0, order)
+        self.num_channels = int(classes.numel())
+        chan_of_root = torch.full((sets.size,), -1, dtype=torch.long)
+        chan_of_root[classes] = torch.arange(self.num_channels)
 
-        def gfind(r: int) -> int:
-            while parent[r] != r:
-                parent[r] = parent[parent[r]]
-                r = parent[r]
-            return r
+        starts = [0] + (torch.nonzero(class_group_first[1:] != class_group_first[:-1]).flatten() + 1).tolist()
+        ends = starts[1:] + [self.num_channels]
+        group_of_chan = torch.empty(self.num_channels, dtype=torch.long)
+        for i, (a, b) in enumerate(zip(starts, ends)):
+            if a == b:
+                continue
+            first_producer = producers[int(seq_producer[int(class_group_first[a])])]
+            self.groups.append(ChannelGroup(index=i, name=first_producer, offset=a, size=b - a))
+            group_of_chan[a:b] = i
 
-        produced: List[Tuple[str, List[int]]] = []
-        for name, rec in self.records.items():
-            if rec.kind in ('conv', 'linear') and 'out' in rec.arrays:
-                roots = roots_of[(name, 'out')]
-                produced.append((name, roots))
-                for r in roots:
-                    parent.setdefault(r, r)
-                first = gfind(roots[0])
-                for r in roots[1:]:
-                    b = gfind(r)
-                    if b != first:
-                        parent[b] = first
-
-        # order groups and their channels by first appearance
-        group_roots: Dict[int, Dict[int, None]] = {}   # ordered sets
-        first_producer: Dict[int, str] = {}
-        for name, roots in produced:
-            for r in roots:
-                g = gfind(r)
-                if g not in group_roots:
-                    group_roots[g] = {}
-                    first_producer[g] = name
-                group_roots[g][r] = None
-        chan_of_root: Dict[int, int] = {}
-        offset = 0
-        group_of_root: Dict[int, ChannelGroup] = {}
-        for i, (g, root_set) in enumerate(group_roots.items()):
-            roots = list(root_set)
-            grp = ChannelGroup(index=i, name=first_producer[g], offset=offset, size=len(roots))
-            for k, r in enumerate(roots):
-                chan_of_root[r] = offset + k
-                group_of_root[r] = grp
-                for reason in sets.reasons.get(r, []):
-                    if reason not in grp.reasons:
-                        grp.reasons.append(reason)
-            offset += len(roots)
-            self.groups.append(grp)
-        self.num_channels = offset
+        reasons = sets.reasons()
+        chan_list, group_list = chan_of_root.tolist(), group_of_chan.tolist()
+        tainted = sorted((chan_list[r], r) for r in reasons if chan_list[r] >= 0)
+        for chan, r in tainted:
+            grp = self.groups[group_list[chan]]
+            grp.reasons.extend(x for x in reasons[r] if x not in grp.reasons)
 
         for (name, role), roots in roots_of.items():
-            chan = torch.tensor([chan_of_root.get(r, -1) for r in roots], dtype=torch.long)
+            chan = torch.where(roots >= 0, chan_of_root.index_select(0, roots.clamp(min=0)), roots)
             self.arrays[(name, role)] = LayerArray(name, role, chan)
-            seen = set()
-            for r in roots:
-                grp = group_of_root.get(r)
-                if grp is None or grp.index in seen:
-                    continue
-                seen.add(grp.index)
+            for gi in group_of_chan.index_select(0, chan[chan >= 0]).unique().tolist():
+                grp = self.groups[gi]
                 lst = {'out': grp.producers, 'in': grp.consumers}.get(role, grp.norms)
                 if name not in lst:
                     lst.append(name)
@@ -157,15 +146,14 @@ class CouplingGraph:
             if grp.prunable:
                 prunable[grp.offset:grp.offset + grp.size] = True
         self.prunable = prunable
-        # modules whose handler maps their output rows to samples (RoI extractors)
-        self.row_sources = [name for name, rec in self.records.items()
-                            for h in [handler_for(rec.module)] if h is not None and h.maps_rows()]
+        # modules whose layer type maps their output rows to samples (RoI extractors)
+        self.row_sources = [name for name, rec in self.records.items() if rec.layer_type.maps_rows()]
         self.row_level = self._row_level()
 
     def _row_level(self) -> Dict[str, Optional[str]]:
         """Conv/linear layers whose input rows are not the samples of the batch (RoI heads).
 
-        ``name -> row source``: the module (an RoI extractor, whose handler maps its output rows to
+        ``name -> row source``: the module (an RoI extractor, whose layer type maps its output rows to
         samples) that wrote as many rows in the trace, or None when no such module did (those rows
         cannot be mapped to samples; their Fisher is squared per row). For the report: in training,
         a layer's rows are mapped by the latest row source that wrote as many rows (the extractor of
@@ -176,7 +164,7 @@ class CouplingGraph:
                 sources.setdefault(int(call.out_shape[0]), name)
         out: Dict[str, Optional[str]] = {}
         for name, rec in self.records.items():
-            if rec.kind not in ('conv', 'linear') or self.batch_size is None:
+            if not rec.layer_type.produces or self.batch_size is None:
                 continue
             rows = [int(c.in_shape[0]) for c in rec.calls if len(c.in_shape) >= 2]
             if any(r != self.batch_size for r in rows):
@@ -214,8 +202,8 @@ class CouplingGraph:
         return out
 
     def layers(self) -> List[str]:
-        """Conv and linear layers, in call order."""
-        return [n for n, r in self.records.items() if r.kind in ('conv', 'linear')]
+        """Producing layers (conv, linear), in call order."""
+        return [n for n, r in self.records.items() if r.layer_type.produces]
 
     def prunable_layers(self) -> set:
         """Layers that write or read a prunable group."""

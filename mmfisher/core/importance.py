@@ -20,7 +20,7 @@ backward hook is used.
 Rows that are not images
 ------------------------
 A layer fed by an RoI extractor reads one row per RoI. Modules whose handler
-says which image each output row belongs to (:meth:`ModuleHandler.sample_rows`,
+says which image each output row belongs to (:meth:`LayerType.sample_rows`,
 mmdet's RoI extractors) record that map when they run; a consumer whose rows
 the analysis traced back to such a module adds its RoI rows into the rows of
 their images. Rows that cannot be mapped (the analysis report lists them) are

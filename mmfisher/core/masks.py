@@ -18,7 +18,6 @@ import torch
 import torch.nn as nn
 
 from .groups import CouplingGraph
-from .trace import handler_for
 
 
 @dataclass
@@ -43,20 +42,19 @@ class ConsumerInputs:
         self.consumers: List[Consumer] = []
         prunable_ext = torch.cat([graph.prunable, torch.zeros(1, dtype=torch.bool)])
         for name, rec in graph.records.items():
-            if rec.kind not in ('conv', 'linear') or 'in' not in rec.arrays:
+            if rec.layer_type.input_dim is None or 'in' not in rec.arrays:
                 continue
             chan = graph.arrays[(name, 'in')].channel.clone()
             chan[chan < 0] = self.num_channels
             if not prunable_ext[chan].any():
                 continue
             chan[~prunable_ext[chan]] = self.num_channels
-            self.consumers.append(Consumer(name, modules.get(name, rec.module), chan,
-                                           1 if rec.kind == 'conv' else -1))
+            self.consumers.append(Consumer(name, modules.get(name, rec.module), chan, rec.layer_type.input_dim))
         # [num_channels + 1]: the last entry (always 1) serves positions outside prunable groups
         self.mask = torch.ones(self.num_channels + 1)
         self._position_masks: Dict[str, Optional[torch.Tensor]] = {}
         # modules whose output rows are not samples (RoI extractors): they tell which sample each row is
-        self.row_sources = [(modules.get(name, graph.records[name].module), handler_for(graph.records[name].module))
+        self.row_sources = [(modules.get(name, graph.records[name].module), graph.records[name].layer_type)
                             for name in graph.row_sources]
         self._handles: list = []
         self.observer: Optional[Callable[[Consumer, torch.Tensor], torch.Tensor]] = None
@@ -86,14 +84,14 @@ class ConsumerInputs:
         self.detach()
         for c in self.consumers:
             self._handles.append(c.module.register_forward_pre_hook(self._hook(c)))
-        for module, handler in self.row_sources:
-            self._handles.append(module.register_forward_hook(self._rows_hook(handler)))
+        for module, layer_type in self.row_sources:
+            self._handles.append(module.register_forward_hook(self._rows_hook(layer_type)))
         return self
 
-    def _rows_hook(self, handler):
+    def _rows_hook(self, layer_type):
         def hook(module, args, output):
             if self.row_observer is not None:
-                rows = handler.sample_rows(module, args, output)
+                rows = layer_type.sample_rows(module, args, output)
                 if rows is not None:
                     self.row_observer(rows[0], rows[1])
         return hook

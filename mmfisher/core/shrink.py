@@ -1,10 +1,11 @@
 """Last step: the compact model.
 
 ``shrink(model, graph, spec)`` removes the channels a channel spec (see
-:mod:`mmfisher.core.spec`) does not keep from every layer of every group, in place: conv (plain, group, depthwise, transposed), BN/SyncBN,
-GroupNorm (``num_groups`` follows), InstanceNorm, Linear (a flattened feature map
-loses a block of inputs per channel) and modules registered with a handler. The
-compact model prints, saves and reloads like any model of those sizes.
+:mod:`mmfisher.core.spec`) does not keep from every layer of every group, in place, each module by its layer type (:mod:`mmfisher.core.layers`): conv
+(plain, group, depthwise, transposed), BN/SyncBN, GroupNorm (``num_groups``
+follows), InstanceNorm, Linear (a flattened feature map loses a block of inputs
+per channel) and registered types. The compact model prints, saves and reloads
+like any model of those sizes.
 """
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ import torch
 import torch.nn as nn
 
 from .groups import CouplingGraph
-from .spec import SpecMismatchError, spec_to_keep
-from .trace import handler_for
+from .spec import spec_to_keep
 
 
 def round_keep(graph: CouplingGraph, keep: torch.Tensor, divisor: int,
@@ -51,61 +51,6 @@ def kept_positions(graph: CouplingGraph, keep: torch.Tensor, module: str, role: 
     return ext[chan].nonzero().flatten()
 
 
-def _param(old: torch.Tensor, new: torch.Tensor) -> nn.Parameter:
-    return nn.Parameter(new.detach().clone().contiguous(), requires_grad=old.requires_grad)
-
-
-def _index(module: nn.Module, name: str, dim: int, idx: torch.Tensor) -> None:
-    t = getattr(module, name, None)
-    if t is None:
-        return
-    new = t.detach().index_select(dim, idx.to(t.device))
-    if isinstance(t, nn.Parameter):
-        setattr(module, name, _param(t, new))
-    else:
-        setattr(module, name, new.clone())
-
-
-def _shrink_conv(m: nn.modules.conv._ConvNd, keep_out: torch.Tensor, keep_in: torch.Tensor) -> None:
-    transposed = getattr(m, 'transposed', False)
-    g = m.groups
-    if g > 1:
-        opg, ipg = m.out_channels // g, m.in_channels // g
-        new_g = keep_out.numel() // opg
-        if keep_out.numel() % opg or keep_in.numel() != new_g * ipg:
-            raise SpecMismatchError(f'group conv {m}: kept channels do not form whole groups')
-        _index(m, 'weight', 1 if transposed else 0, keep_in if transposed else keep_out)
-        m.groups = new_g
-    elif transposed:
-        _index(m, 'weight', 0, keep_in)
-        _index(m, 'weight', 1, keep_out)
-    else:
-        _index(m, 'weight', 0, keep_out)
-        _index(m, 'weight', 1, keep_in)
-    _index(m, 'bias', 0, keep_out)
-    m.out_channels, m.in_channels = keep_out.numel(), keep_in.numel()
-
-
-def _shrink_linear(m: nn.Linear, keep_out: torch.Tensor, keep_in: torch.Tensor) -> None:
-    _index(m, 'weight', 0, keep_out)
-    _index(m, 'weight', 1, keep_in)
-    _index(m, 'bias', 0, keep_out)
-    m.out_features, m.in_features = keep_out.numel(), keep_in.numel()
-
-
-def _shrink_norm(m: nn.Module, keep: torch.Tensor) -> None:
-    n = keep.numel()
-    if isinstance(m, nn.GroupNorm):
-        per = m.num_channels // m.num_groups
-        if n % per:
-            raise SpecMismatchError(f'{m}: kept channels do not form whole GroupNorm groups')
-        m.num_groups, m.num_channels = n // per, n
-    else:
-        m.num_features = n
-    for name in ('weight', 'bias', 'running_mean', 'running_var'):
-        _index(m, name, 0, keep)
-
-
 def shrink(model: nn.Module, graph: CouplingGraph, spec_or_keep: Any) -> nn.Module:
     """Remove every channel the spec does not keep, in place; returns ``model``.
 
@@ -124,13 +69,5 @@ def shrink(model: nn.Module, graph: CouplingGraph, spec_or_keep: Any) -> nn.Modu
         kept = {role: kept_positions(graph, keep, name, role) for role in rec.arrays}
         if all(kept[r].numel() == graph.arrays[(name, r)].channel.numel() for r in kept):
             continue
-        h = handler_for(m)
-        if h is not None:
-            h.shrink(m, kept)
-        elif rec.kind == 'conv':
-            _shrink_conv(m, kept['out'], kept['in'])
-        elif rec.kind == 'linear':
-            _shrink_linear(m, kept['out'], kept['in'])
-        elif rec.kind == 'norm':
-            _shrink_norm(m, kept['feat'])
+        rec.layer_type.shrink(m, kept)
     return model

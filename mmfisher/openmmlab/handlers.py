@@ -1,7 +1,7 @@
-"""Module handlers for OpenMMLab parts whose forward the tracer cannot see.
+"""Layer types for OpenMMLab parts whose forward the tracer cannot see.
 
 mmdet's RoI extractors pool every FPN level with a compiled op (mmcv RoIAlign)
-into a tensor they allocate with ``self.out_channels`` channels. The handler
+into a tensor they allocate with ``self.out_channels`` channels. Its layer type
 tells the analysis that the extractor passes channels through (all levels share
 the output's channels, so they are coupled) and updates ``out_channels`` when the
 model is shrunk. Registered when :mod:`mmfisher.openmmlab` is imported.
@@ -12,16 +12,18 @@ from typing import Any, Dict
 
 import torch
 
-from ..core.trace import Call, ChannelTracer, Label, ModuleHandler, ModuleRecord, _flat_tensors, register_module_handler
+from ..core.atoms import Label, flat_tensors
+from ..core.layers import Call, LayerType, ModuleRecord, register_layer_type
+from ..core.trace import ChannelTracer
 
 
-class RoIExtractorHandler(ModuleHandler):
+class RoIExtractorType(LayerType):
     """``roi_feats[r, c] = pool(feats[level(r)][batch(r), c])``: channel-wise over all levels."""
 
     kind = 'roi_extractor'
 
     def trace(self, tracer: ChannelTracer, rec: ModuleRecord, args: tuple, output: Any) -> None:
-        feats = _flat_tensors(args[0], [])
+        feats = flat_tensors(args[0], [])
         n = rec.module.out_channels
         atoms = tracer.atoms_of(rec, 'feat', n)
         for f in feats:
@@ -36,7 +38,7 @@ class RoIExtractorHandler(ModuleHandler):
 
     def sample_rows(self, module, args: tuple, output: Any):
         """mmdet's rois are ``[R, 5]`` with the image index in column 0."""
-        feats = _flat_tensors(args[0], [])
+        feats = flat_tensors(args[0], [])
         rois = args[1] if len(args) > 1 else None
         if not feats or not isinstance(rois, torch.Tensor) or rois.dim() != 2 or rois.shape[1] != 5:
             return None
@@ -48,4 +50,4 @@ def register_openmmlab_handlers() -> None:
         from mmdet.models.roi_heads.roi_extractors import BaseRoIExtractor
     except ImportError:  # mmdet not installed: nothing to register
         return
-    register_module_handler(BaseRoIExtractor, RoIExtractorHandler())
+    register_layer_type(BaseRoIExtractor, RoIExtractorType())

@@ -11,7 +11,7 @@ from typing import List, Sequence
 import torch
 import torch.nn as nn
 
-from ..core.trace import _flat_tensors
+from ..core.atoms import flat_tensors
 from .analysis import example_samples, tensor_forward
 
 
@@ -24,7 +24,7 @@ class TensorModeNetwork(nn.Module):
         self._samples = example_samples(model, shape)
 
     def forward(self, x):
-        return tuple(_flat_tensors(tensor_forward(self.model, x, self._samples), [], -8))
+        return tuple(flat_tensors(tensor_forward(self.model, x, self._samples), [], -8))
 
 
 def export_onnx(model: nn.Module, path: str, shape: Sequence[int] = (1, 3, 640, 640), opset: int = 17) -> List[str]:

@@ -96,7 +96,7 @@ def _step(name, fn, harness=False):
 
 def _outputs(model, x, samples, proposals=None):
     """The network's tensors in 'tensor' mode; two-stage detectors with the given proposals (or their own)."""
-    from mmfisher.core.trace import _flat_tensors
+    from mmfisher.core.atoms import flat_tensors
     from mmfisher.openmmlab.analysis import tensor_forward
     try:
         from mmdet.models.detectors import TwoStageDetector
@@ -108,8 +108,8 @@ def _outputs(model, x, samples, proposals=None):
         if proposals is None:
             proposals = model.rpn_head.predict(feats, samples, rescale=False)
         roi = model.roi_head.forward(feats, proposals, samples)
-        return _flat_tensors((rpn, roi), [], -8), proposals
-    return _flat_tensors(tensor_forward(model, x, samples), [], -8), None
+        return flat_tensors((rpn, roi), [], -8), proposals
+    return flat_tensors(tensor_forward(model, x, samples), [], -8), None
 
 
 def _parts(graph):

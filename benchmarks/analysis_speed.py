@@ -1,0 +1,79 @@
+"""How long the coupling analysis takes, against one plain forward of the same model, side by side.
+
+    python benchmarks/analysis_speed.py [--config retinanet/retinanet_r50_fpn_1x_coco.py] [--shape 320 320]
+                                        [--repeats 7] [--profile]
+
+Builds the mmdet config with random init (nothing downloaded), then alternates a plain forward
+(the same ``example_forward`` callable the analysis runs, under ``no_grad`` in eval mode) with a
+full ``analyse`` (trace plus coupling graph), ``--repeats`` times each, and prints the medians and
+their ratio. ``--profile`` prints the analysis's top functions by own time (cProfile).
+"""
+import argparse
+import os.path as osp
+import statistics
+import sys
+import time
+
+sys.path.insert(0, osp.abspath(osp.join(osp.dirname(__file__), '..')))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    p.add_argument('--config', default='retinanet/retinanet_r50_fpn_1x_coco.py',
+                   help='a path, or a path inside mmdet\'s own config tree')
+    p.add_argument('--shape', type=int, nargs=2, default=[320, 320], metavar=('H', 'W'))
+    p.add_argument('--repeats', type=int, default=7)
+    p.add_argument('--profile', action='store_true')
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    import torch
+    from mmfisher.core import analyse
+    from mmfisher.openmmlab import build_from_config, example_forward
+    from mmfisher.openmmlab.tools_common import analysis_tool_config
+
+    torch.manual_seed(0)
+    path = args.config
+    if not osp.isfile(path):
+        import mmdet
+        path = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', args.config)
+    cfg = analysis_tool_config(path, None)
+    model = build_from_config(cfg)
+    model.eval()
+    forward = example_forward(model, (1, 3) + tuple(args.shape))
+
+    def plain():
+        with torch.no_grad():
+            forward()
+
+    def analysis():
+        analyse(model, forward=forward, strict=True)
+
+    plain()
+    analysis()                                  # warm-up: lazy imports, allocator, mmcv op loading
+    times = {'forward': [], 'analyse': []}
+    for _ in range(args.repeats):
+        for name, fn in (('forward', plain), ('analyse', analysis)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    fwd, ana = statistics.median(times['forward']), statistics.median(times['analyse'])
+    graph = analyse(model, forward=forward)
+    s = graph.summary()
+    print(f'{args.config} at {args.shape[0]}x{args.shape[1]}, batch 1, {torch.get_num_threads()} threads, '
+          f'median of {args.repeats} interleaved runs')
+    print(f'  plain forward {fwd:.3f} s, analysis {ana:.3f} s: {ana / fwd:.2f}x '
+          f'({s["prunable_groups"]}/{s["groups"]} groups prunable)')
+    if args.profile:
+        import cProfile
+        import pstats
+        prof = cProfile.Profile()
+        prof.runcall(analysis)
+        pstats.Stats(prof).sort_stats('tottime').print_stats(25)
+    return ana / fwd
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,322 @@
+"""The layer types: everything the pipeline knows about one kind of channel-indexed module, in one place.
+
+A *layer type* says, for the modules it matches,
+
+* how the trace maps their input channels to their parameters and output (:meth:`LayerType.trace`);
+* whether they *produce* channels (write an output that is one filter per channel: conv, linear):
+  groups form around producers, and the L1 criterion scores their filters (:meth:`filter_l1`);
+* whether they *consume* channels through a weight (``input_dim``: the input dim a channel mask
+  multiplies: 1 for conv, -1 for linear; None: no weight reads channels);
+* what they cost (:meth:`geometry` for producers, :meth:`params_per_channel` for per-channel
+  arrays such as a norm's affine parameters);
+* how they shrink (:meth:`shrink`).
+
+The built-in types: :class:`Conv` (plain, group, depthwise, transposed), :class:`Linear`,
+:class:`Norm` (BN/SyncBN, GroupNorm, InstanceNorm) and :class:`LayerNormLastDims` (``nn.LayerNorm``
+itself, which records nothing: it passes channels through unless it normalises over them). To teach
+the analysis a module whose forward the trace cannot see (a compiled op) or whose attributes follow
+its channel count, subclass :class:`LayerType` and :func:`register_layer_type` it; mmfisher's own
+:class:`~mmfisher.openmmlab.handlers.RoIExtractorType` is one.
+
+A recorded module's channel arrays are named by *role*: ``'out'``/``'in'`` for producers,
+``'feat'`` for per-channel modules.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .atoms import Label
+
+if TYPE_CHECKING:
+    from .trace import ChannelTracer
+
+
+@dataclass
+class Call:
+    """One call of a recorded module: output elements per channel and the input/output shapes."""
+
+    rows: int        # output elements per channel position (N*H*W for a conv)
+    in_shape: Tuple[int, ...]
+    out_shape: Tuple[int, ...]
+
+
+@dataclass
+class ModuleRecord:
+    """A module whose parameters are indexed by channels, as the trace saw it.
+
+    ``arrays`` maps a role (``'out'``, ``'in'``, ``'feat'``) to the atoms of that channel-indexed dim.
+    """
+
+    name: str
+    module: nn.Module
+    layer_type: 'LayerType'
+    arrays: Dict[str, torch.Tensor] = field(default_factory=dict)
+    calls: List[Call] = field(default_factory=list)
+
+    @property
+    def kind(self) -> str:
+        return self.layer_type.kind
+
+
+@dataclass
+class Geometry:
+    """What one producing layer computes per sample of the analysed input (see :mod:`cost`)."""
+
+    rows: float          # output positions per sample, summed over calls
+    flop_rows: float     # positions the kernel is applied at (input positions for a transposed conv)
+    kernel: int          # kernel elements (1 for linear)
+    groups: int
+    bias: bool
+
+
+class LayerType:
+    """One kind of channel-indexed module. Subclass, set the class attributes, and override what applies."""
+
+    kind = 'custom'                      # recorded in specs' architecture descriptions
+    produces = False                     # writes one filter per output channel ('out' and 'in' arrays)
+    input_dim: Optional[int] = None      # input dim a channel mask of its weight's input multiplies
+    records = True                       # keeps a ModuleRecord (its parameters are channel-indexed)
+
+    def matches(self, module: nn.Module) -> bool:
+        """Whether this type describes ``module`` (after the ``isinstance`` check of its registration)."""
+        return True
+
+    def trace(self, tracer: 'ChannelTracer', rec: ModuleRecord, args: tuple, output: Any) -> None:
+        """Allocate ``rec``'s atoms, union them with the input's, label the output, append a :class:`Call`."""
+        raise NotImplementedError
+
+    def shrink(self, module: nn.Module, keep: Dict[str, torch.Tensor]) -> None:
+        """Keep only positions ``keep[role]`` (LongTensor) of every channel array, in place."""
+        raise NotImplementedError
+
+    def geometry(self, module: nn.Module, rec: ModuleRecord, batch: float) -> Geometry:
+        """For a producer: what it computes per sample."""
+        raise NotImplementedError
+
+    def params_per_channel(self, module: nn.Module) -> float:
+        """Parameters per position of a ``'feat'`` array (a norm's weight and bias: 2)."""
+        return 0.0
+
+    def filter_l1(self, module: nn.Module, keep_in: torch.Tensor) -> torch.Tensor:
+        """For a producer: ``[out]`` L1 norm of the filter writing each output position, over the input
+        positions ``keep_in`` (``[in]`` bool) only."""
+        raise NotImplementedError
+
+    def sample_rows(self, module: nn.Module, args: tuple, output: Any) -> Optional[Tuple[torch.Tensor, int]]:
+        """For a module whose output rows are not the samples of the batch (an RoI extractor: one row
+        per RoI), ``(sample index of every output row [R] LongTensor, number of samples)``; None if
+        its rows are the samples. The Fisher of the layers reading those rows is then summed per
+        sample before it is squared."""
+        return None
+
+    @classmethod
+    def maps_rows(cls) -> bool:
+        """Whether this type overrides :meth:`sample_rows`."""
+        return cls.sample_rows is not LayerType.sample_rows
+
+
+# --------------------------------------------------------------------------- #
+# shrinking helpers
+# --------------------------------------------------------------------------- #
+def _param(old: torch.Tensor, new: torch.Tensor) -> nn.Parameter:
+    return nn.Parameter(new.detach().clone().contiguous(), requires_grad=old.requires_grad)
+
+
+def index_attr(module: nn.Module, name: str, dim: int, idx: torch.Tensor) -> None:
+    """Keep positions ``idx`` of ``module.<name>`` along ``dim`` (a parameter stays a parameter)."""
+    t = getattr(module, name, None)
+    if t is None:
+        return
+    new = t.detach().index_select(dim, idx.to(t.device))
+    if isinstance(t, nn.Parameter):
+        setattr(module, name, _param(t, new))
+    else:
+        setattr(module, name, new.clone())
+
+
+def _batch_of(tracer: 'ChannelTracer', x: torch.Tensor) -> None:
+    if tracer.batch_size is None:
+        tracer.batch_size = int(x.shape[0]) if x.dim() > 1 else 1
+
+
+# --------------------------------------------------------------------------- #
+# the built-in types
+# --------------------------------------------------------------------------- #
+class Conv(LayerType):
+    """``nn.Conv1d/2d/3d`` and their transposed versions; a group conv loses whole groups."""
+
+    kind = 'conv'
+    produces = True
+    input_dim = 1
+
+    def trace(self, tracer, rec, args, out):
+        m, x = rec.module, args[0]
+        _batch_of(tracer, x)
+        first = 'out' not in rec.arrays
+        ain = tracer.input_atoms(rec, 'in', x, 1, m.in_channels)
+        aout = tracer.atoms_of(rec, 'out', m.out_channels)
+        if first and m.groups > 1:
+            # prune whole groups: group j's input and output channels go together
+            tracer.sets.union_rows(torch.cat([ain.view(m.groups, -1), aout.view(m.groups, -1)], 1))
+        rec.calls.append(Call(out.numel() // out.shape[1], tuple(x.shape), tuple(out.shape)))
+        tracer.set_label(out, Label(1, aout))
+
+    def shrink(self, m, keep):
+        keep_out, keep_in = keep['out'], keep['in']
+        transposed = getattr(m, 'transposed', False)
+        g = m.groups
+        if g > 1:
+            from .spec import SpecMismatchError
+            opg, ipg = m.out_channels // g, m.in_channels // g
+            new_g = keep_out.numel() // opg
+            if keep_out.numel() % opg or keep_in.numel() != new_g * ipg:
+                raise SpecMismatchError(f'group conv {m}: kept channels do not form whole groups')
+            index_attr(m, 'weight', 1 if transposed else 0, keep_in if transposed else keep_out)
+            m.groups = new_g
+        elif transposed:
+            index_attr(m, 'weight', 0, keep_in)
+            index_attr(m, 'weight', 1, keep_out)
+        else:
+            index_attr(m, 'weight', 0, keep_out)
+            index_attr(m, 'weight', 1, keep_in)
+        index_attr(m, 'bias', 0, keep_out)
+        m.out_channels, m.in_channels = keep_out.numel(), keep_in.numel()
+
+    def geometry(self, m, rec, batch):
+        rows = sum(c.rows for c in rec.calls) / batch
+        flop_rows = rows
+        if isinstance(m, nn.modules.conv._ConvTransposeNd):
+            # every input position meets every kernel element once
+            flop_rows = sum(math.prod(c.in_shape) // c.in_shape[1] for c in rec.calls) / batch
+        return Geometry(rows, flop_rows, int(math.prod(m.kernel_size)), m.groups, m.bias is not None)
+
+    def filter_l1(self, m, keep_in):
+        w = m.weight.detach().abs().double()
+        g = m.groups
+        if getattr(m, 'transposed', False):                                          # [in, out / g, *k]
+            per_in = w.flatten(2).sum(2) * keep_in.to(w.device, w.dtype)[:, None]    # [in, out / g]
+            ipg = w.shape[0] // g
+            return per_in.reshape(g, ipg, -1).sum(1).reshape(-1).cpu()             # [out]
+        out, ipg = w.shape[0], w.shape[1]                                         # [out, in / g, *k]
+        opg = out // g
+        in_index = (torch.arange(out) // opg)[:, None] * ipg + torch.arange(ipg)[None, :]
+        mask = keep_in[in_index].to(w.device, w.dtype)                            # [out, in / g]
+        return (w.flatten(2).sum(2) * mask).sum(1).cpu()
+
+
+class Linear(LayerType):
+    """``nn.Linear`` on the last dim; a flattened feature map gives one block of inputs per channel."""
+
+    kind = 'linear'
+    produces = True
+    input_dim = -1
+
+    def trace(self, tracer, rec, args, out):
+        m, x = rec.module, args[0]
+        _batch_of(tracer, x)
+        tracer.input_atoms(rec, 'in', x, -1, m.in_features)
+        aout = tracer.atoms_of(rec, 'out', m.out_features)
+        rec.calls.append(Call(out.numel() // out.shape[-1], tuple(x.shape), tuple(out.shape)))
+        tracer.set_label(out, Label(out.dim() - 1, aout))
+
+    def shrink(self, m, keep):
+        index_attr(m, 'weight', 0, keep['out'])
+        index_attr(m, 'weight', 1, keep['in'])
+        index_attr(m, 'bias', 0, keep['out'])
+        m.out_features, m.in_features = keep['out'].numel(), keep['in'].numel()
+
+    def geometry(self, m, rec, batch):
+        rows = sum(c.rows for c in rec.calls) / batch
+        return Geometry(rows, rows, 1, 1, m.bias is not None)
+
+    def filter_l1(self, m, keep_in):
+        w = m.weight.detach().abs().double()
+        return (w * keep_in.to(w.device, w.dtype)[None, :]).sum(1).cpu()
+
+
+class Norm(LayerType):
+    """Per-channel normalisation on dim 1: BN/SyncBN, InstanceNorm, GroupNorm (whole GN groups go)."""
+
+    kind = 'norm'
+
+    def trace(self, tracer, rec, args, out):
+        m, x = rec.module, args[0]
+        n = x.shape[1]
+        first = 'feat' not in rec.arrays
+        feat = tracer.input_atoms(rec, 'feat', x, 1, n)
+        if first and isinstance(m, nn.GroupNorm):
+            # statistics are per GN group: remove whole GN groups only
+            tracer.sets.union_rows(feat.view(m.num_groups, -1))
+        rec.calls.append(Call(out.numel() // n, tuple(x.shape), tuple(out.shape)))
+        tracer.set_label(out, Label(1, feat))
+
+    def shrink(self, m, keep):
+        k = keep['feat']
+        n = k.numel()
+        if isinstance(m, nn.GroupNorm):
+            from .spec import SpecMismatchError
+            per = m.num_channels // m.num_groups
+            if n % per:
+                raise SpecMismatchError(f'{m}: kept channels do not form whole GroupNorm groups')
+            m.num_groups, m.num_channels = n // per, n
+        else:
+            m.num_features = n
+        for name in ('weight', 'bias', 'running_mean', 'running_var'):
+            index_attr(m, name, 0, k)
+
+    def params_per_channel(self, m):
+        return 2.0 if getattr(m, 'weight', None) is not None else 0.0
+
+
+class LayerNormLastDims(LayerType):
+    """``nn.LayerNorm`` itself (not a subclass with its own forward, which may normalise over other
+    dims: that one is traced op by op). Normalising over the channel dim taints it; otherwise the
+    channels pass through. Nothing is recorded: its parameters are indexed by the normalised dims."""
+
+    kind = 'layernorm'
+    records = False
+
+    def matches(self, module):
+        return type(module).forward is nn.LayerNorm.forward
+
+    def trace(self, tracer, rec, args, out):
+        x = args[0]
+        lab = tracer.label(x)
+        if lab is None:
+            return
+        if lab.dim >= x.dim() - len(rec.module.normalized_shape):
+            tracer.taint(lab, f'{tracer.where()}: LayerNorm normalises over channels')
+        else:
+            tracer.set_label(out, lab)
+
+
+# --------------------------------------------------------------------------- #
+# the table
+# --------------------------------------------------------------------------- #
+_TYPES: List[Tuple[type, LayerType]] = [
+    (nn.modules.conv._ConvNd, Conv()),
+    (nn.Linear, Linear()),
+    (nn.modules.batchnorm._BatchNorm, Norm()),
+    (nn.GroupNorm, Norm()),
+    (nn.modules.instancenorm._InstanceNorm, Norm()),
+    (nn.LayerNorm, LayerNormLastDims()),
+]
+
+
+def register_layer_type(cls: type, layer_type: LayerType) -> None:
+    """Use ``layer_type`` for modules of type ``cls`` (subclasses included); later registrations
+    take precedence over earlier ones and over the built-in types."""
+    _TYPES.insert(0, (cls, layer_type))
+
+
+def layer_type_for(module: nn.Module) -> Optional[LayerType]:
+    """The layer type describing ``module``; None for a module traced through its torch functions."""
+    for cls, lt in _TYPES:
+        if isinstance(module, cls):
+            return lt if lt.matches(module) else None
+    return None
