@@ -72,8 +72,7 @@ def glu_rule(tr, op):
     x, lab = op.labelled[0]
     dim = op.kwargs.get('dim', op.args[1] if len(op.args) > 1 else -1) % x.dim()
     if dim != lab.dim:
-        tr.taint(lab, f'{op.where}: glu over another dim than the channels')   # not needed here
-        return
+        return tr.taint(lab, f'{op.where}: glu over another dim')     # be conservative
     first, second = lab.atoms.chunk(2)
     tr.sets.union_arrays(first, second)
     tr.set_label(op.out, Label(dim, first))
