@@ -44,42 +44,72 @@ def write_demo_report(work: str, paths: Dict[str, str], timings: Dict[str, float
     info = meta['mmfisher']
     plot_channels(meta['channel_spec'], osp.join(work, 'channels.png'),
                   f'Channels kept per layer group ({info["resource"]} -> {info["ratio"]:.2f})')
-    mb, mp = _load_json(paths['metrics_baseline']) or {}, _load_json(paths['metrics_pruned']) or {}
+    names = ('baseline', 'pruned', 'uniform')
+    metrics = [_load_json(paths[f'metrics_{n}']) or {} for n in names]
     bench = _load_json(paths['benchmark']) or {}
-    models = bench.get('models', {})
-    b, p = models.get('baseline', {}), models.get('pruned', {})
+    models = [bench.get('models', {}).get(n, {}) for n in names]
+    uniform = _load_json(paths['uniform']) or {}
+    sizes = bench.get('sizes', [])
 
-    def cell(d, k, scale=1.0, fmt='{:.2f}'):
-        return fmt.format(d[k] / scale) if k in d else 'n/a'
+    def cells(values, fmt):
+        return ' | '.join('n/a' if v is None else fmt.format(v) for v in values)
 
-    def ratio(k):
-        return f'{p[k] / b[k]:.3f}' if k in b and k in p and b[k] else 'n/a'
+    def ratios(values):
+        b = values[0]
+        return ' | '.join('n/a' if v is None or not b else f'{v / b:.3f}' for v in values[1:])
+
+    def row(label, values, fmt):
+        return f'| {label} | {cells(values, fmt)} | {ratios(values)} |'
+
+    def field(key, scale=1.0):
+        return [m[key] / scale if key in m else None for m in models]
+
+    def latency(size):
+        return [m.get('at', {}).get(size, {}).get('latency_ms') for m in models]
 
     map_key = 'coco/bbox_mAP'
+    maps = [m.get(map_key) for m in metrics]
+    maps50 = [m.get('coco/bbox_mAP_50') for m in metrics]
+
+    def delta(values):
+        b = values[0]
+        return ' | '.join('n/a' if v is None or b is None else f'{v - b:+.3f}' for v in values[1:])
+
     lines = [
         '# mmfisher demo: RetinaNet (ResNet-18/4, FPN 64) on the generated shapes dataset',
         '',
         f'Pruned by FisherPruningHook: {info["normalization"]} normalisation, {info["channels_per_step"]} '
         f'channel(s) every {info["interval"]} iterations, {info["channels_removed"]} channels removed by '
-        f'iteration {info["iter"]}; then fine-tuned (configs/demo/retinanet_r18_shapes_finetune.py).',
+        f'iteration {info["iter"]}; then fine-tuned (configs/demo/retinanet_r18_shapes_finetune.py). '
+        f'Uniform: every prunable width scaled by one factor to the same FLOPs, trained from scratch for '
+        f'{uniform.get("iters", "n/a")} iterations, as many as baseline + pruning + fine-tuning '
+        f'(configs/demo/retinanet_r18_shapes_uniform.py).',
         '',
-        '| | baseline | pruned + fine-tuned | pruned / baseline |',
-        '|---|---|---|---|',
-        f'| params (M) | {cell(b, "params", 1e6)} | {cell(p, "params", 1e6)} | {ratio("params")} |',
-        f'| FLOPs (G) | {cell(b, "flops", 1e9, "{:.3f}")} | {cell(p, "flops", 1e9, "{:.3f}")} | {ratio("flops")} |',
-        f'| activations (M) | {cell(b, "activations", 1e6)} | {cell(p, "activations", 1e6)} | '
-        f'{ratio("activations")} |',
-        f'| latency (ms) | {cell(b, "latency_ms", 1, "{:.1f}")} | {cell(p, "latency_ms", 1, "{:.1f}")} | '
-        f'{ratio("latency_ms")} |',
-        f'| bbox mAP | {cell(mb, map_key, 1, "{:.3f}")} | {cell(mp, map_key, 1, "{:.3f}")} | '
-        f'{(f"{mp[map_key] - mb[map_key]:+.3f}" if map_key in mb and map_key in mp else "n/a")} |',
-        f'| bbox mAP@50 | {cell(mb, "coco/bbox_mAP_50", 1, "{:.3f}")} | {cell(mp, "coco/bbox_mAP_50", 1, "{:.3f}")} '
-        f'| |',
+        '| | baseline | pruned + fine-tuned | uniform, from scratch | pruned / baseline | uniform / baseline |',
+        '|---|---|---|---|---|---|',
+        row('params (M)', field('params', 1e6), '{:.2f}'),
+        row('FLOPs (G)', field('flops', 1e9), '{:.3f}'),
+        row('activations (M)', field('activations', 1e6), '{:.2f}'),
+    ]
+    for size in sizes:
+        lines.append(row(f'latency {size} (ms)', latency(size), '{:.1f}'))
+    lines += [
+        f'| bbox mAP | {cells(maps, "{:.3f}")} | {delta(maps)} |',
+        f'| bbox mAP@50 | {cells(maps50, "{:.3f}")} | {delta(maps50)} |',
         '',
-        f'Speed-up: **{bench.get("speedup", float("nan")):.2f}x** (input {bench.get("input")}, '
-        f'{bench.get("threads")} threads, median of {bench.get("repeats")} alternating runs, network in tensor '
-        f'mode; tools/benchmark.py). Ratios measured by the hook at pruning time: '
-        + ', '.join(f'{k} {v:.3f}' for k, v in info['ratios'].items()) + '.',
+    ]
+    if sizes:
+        speed = []
+        for size in sizes:
+            lat = latency(size)
+            if None not in lat:
+                speed.append(f'{size}: pruned {lat[0] / lat[1]:.2f}x, uniform {lat[0] / lat[2]:.2f}x')
+        lines.append(f'Speed-up: **{"; ".join(speed)}** over the baseline ({bench.get("threads")} threads, '
+                     f'batch 1, median of {bench.get("repeats")} alternating runs, network in tensor mode; '
+                     f'tools/benchmark.py).')
+    lines += [
+        'Ratios measured by the hook at pruning time: ' + ', '.join(f'{k} {v:.3f}' for k, v in info['ratios'].items())
+        + '. mAP deltas are against the baseline.',
         '',
         '![channels kept per layer group](channels.png)',
     ]

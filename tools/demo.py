@@ -7,28 +7,37 @@ Stages (each skipped when its result exists, unless named in ``--redo``; ``--red
 1. ``data``: a generated COCO-format dataset of coloured shapes (800 train / 200 val images
    of 160x160, 4 classes, 1-5 objects each), read through mmdet's CocoDataset.
 2. ``baseline``: ``tools/train.py configs/demo/retinanet_r18_shapes.py`` (RetinaNet, ResNet-18
-   at 1/4 width, 1200 iterations).
+   at 1/4 width, 800 iterations).
 3. ``prune``: ``tools/train.py configs/demo/retinanet_r18_shapes_prune.py`` from the baseline:
    FisherPruningHook, memory normalisation, to 50% of the FLOPs.
 4. ``finetune``: ``tools/train.py configs/demo/retinanet_r18_shapes_finetune.py`` on the compact
-   model (``type='PrunedModel'``).
-5. ``evaluate``: ``tools/test.py`` on the baseline and on the fine-tuned compact model (COCO bbox mAP).
-6. ``benchmark``: ``tools/benchmark.py`` on both (params, FLOPs, activations, latency).
-7. ``report``: ``report.md`` and ``channels.png`` (channels kept per layer) in the work dir, and the
+   model (``type='PrunedModel'``), 400 iterations.
+5. ``uniform``: what a user gets without pruning: ``tools/analysis_tools/uniform_spec.py`` scales
+   every prunable width by one factor to the same FLOPs, and ``tools/train.py
+   configs/demo/retinanet_r18_shapes_uniform.py`` trains it from scratch with the baseline's recipe
+   for as many iterations as baseline + pruning + fine-tuning took in all.
+6. ``evaluate``: ``tools/test.py`` on the three models (COCO bbox mAP).
+7. ``benchmark``: ``tools/benchmark.py`` on the three (params, FLOPs, activations; latency at the
+   training size 160x160 and at 640x640, where pruning shows its effect).
+8. ``report``: ``report.md`` and ``channels.png`` (channels kept per layer) in the work dir, and the
    table printed here.
 
-Every stage is a stock tool run as a subprocess, its log streamed here.
+Every stage is a stock tool run as a subprocess, its log streamed here. Every training is seeded
+(``randomness = dict(seed=0)``): two runs give the same table, up to the timings.
 """
 import argparse
+import json
 import os
 import os.path as osp
 import subprocess
 import sys
 import time
 
+import torch
+
 ROOT = osp.abspath(osp.join(osp.dirname(__file__), '..'))
 sys.path.insert(0, ROOT)
-STAGES = ('data', 'baseline', 'prune', 'finetune', 'evaluate', 'benchmark', 'report')
+STAGES = ('data', 'baseline', 'prune', 'finetune', 'uniform', 'evaluate', 'benchmark', 'report')
 CFG = osp.join(ROOT, 'configs', 'demo')
 
 
@@ -69,13 +78,16 @@ def main(argv=None):
     work = osp.abspath(args.work_dir)
     data_root = osp.abspath(args.data_root)
     os.makedirs(work, exist_ok=True)
-    base_iters, ft_iters = (20, 10) if args.quick else (1200, 600)
+    base_iters, ft_iters = (20, 10) if args.quick else (800, 400)
     paths = {
         'baseline': osp.join(work, 'baseline', f'iter_{base_iters}.pth'),
         'pruned': osp.join(work, 'prune', 'pruned_flops_0.50.pth'),
         'finetuned': osp.join(work, 'finetune', f'iter_{ft_iters}.pth'),
         'metrics_baseline': osp.join(work, 'metrics_baseline.json'),
         'metrics_pruned': osp.join(work, 'metrics_pruned.json'),
+        'uniform_spec': osp.join(work, 'uniform_flops_0.50.json'),
+        'uniform': osp.join(work, 'uniform', 'done.json'),
+        'metrics_uniform': osp.join(work, 'metrics_uniform.json'),
         'benchmark': osp.join(work, 'benchmark.json'),
     }
     t_start = time.perf_counter()
@@ -120,25 +132,49 @@ def main(argv=None):
         ['tools/train.py', finetune_cfg, '--work-dir', osp.join(work, 'finetune')] + opts + spec_opts
         + thr_pruned + iters(ft_iters)))
 
+    uniform_cfg = osp.join(CFG, 'retinanet_r18_shapes_uniform.py')
+    uniform_opts = [f'model.channel_spec={paths["uniform_spec"]}']
+
+    def train_uniform():
+        if osp.exists(paths['uniform_spec']):
+            os.remove(paths['uniform_spec'])      # this stage's own output, from an earlier run
+        run(['tools/analysis_tools/uniform_spec.py', osp.join(CFG, 'retinanet_r18_shapes.py'), '--target', 'flops',
+             '0.5', '--shape', '160', '--out', paths['uniform_spec']])
+        meta = torch.load(paths['pruned'], map_location='cpu', weights_only=True)['meta']['mmfisher']
+        total = base_iters + int(meta['iter']) + ft_iters
+        d = osp.dirname(paths['uniform'])
+        run(['tools/train.py', uniform_cfg, '--work-dir', d] + opts + uniform_opts + thr_pruned + iters(total)
+            + ([] if args.quick else [f'param_scheduler.1.end={total}']))   # the cosine ends with the run
+        with open(paths['uniform'], 'w') as f:
+            json.dump({'iters': total, 'checkpoint': osp.join(d, f'iter_{total}.pth')}, f)
+    stage('uniform', paths['uniform'], train_uniform)
+
+    def uniform_ckpt():
+        with open(paths['uniform']) as f:
+            return json.load(f)['checkpoint']
+
     def evaluate():
         run(['tools/test.py', osp.join(CFG, 'retinanet_r18_shapes.py'), paths['baseline'],
              '--work-dir', osp.join(work, 'test_baseline'), '--metrics-json', paths['metrics_baseline']] + opts + thr)
         run(['tools/test.py', finetune_cfg, paths['finetuned'], '--work-dir', osp.join(work, 'test_pruned'),
              '--metrics-json', paths['metrics_pruned']] + opts + spec_opts + thr_pruned)
-    stage('evaluate', paths['metrics_pruned'], evaluate)
+        run(['tools/test.py', uniform_cfg, uniform_ckpt(), '--work-dir', osp.join(work, 'test_uniform'),
+             '--metrics-json', paths['metrics_uniform']] + opts + uniform_opts + thr_pruned)
+    stage('evaluate', paths['metrics_uniform'], evaluate)
 
-    def write_finetune_cfg():
-        # the benchmark tool reads a config file: the fine-tune config pointing at this run's spec
-        path = osp.join(work, 'pruned_model.py')
+    def model_cfg(name, base, spec):
+        # the benchmark tool reads config files: each pointing at this run's spec
+        path = osp.join(work, f'{name}_model.py')
         with open(path, 'w') as f:
-            f.write(f"_base_ = [{finetune_cfg!r}]\nmodel = dict(channel_spec={paths['pruned']!r})\n")
+            f.write(f"_base_ = [{base!r}]\nmodel = dict(channel_spec={spec!r})\n")
         return path
 
     stage('benchmark', paths['benchmark'], lambda: run(
-        ['tools/benchmark.py', osp.join(CFG, 'retinanet_r18_shapes.py'), paths['baseline'], write_finetune_cfg(),
-         paths['finetuned'], '--shape', '160', '160', '--repeats', '5' if args.quick else '50',
-         '--names', 'baseline', 'pruned',
-         '--json', paths['benchmark']]))
+        ['tools/benchmark.py', osp.join(CFG, 'retinanet_r18_shapes.py'), paths['baseline'],
+         model_cfg('pruned', finetune_cfg, paths['pruned']), paths['finetuned'],
+         model_cfg('uniform', uniform_cfg, paths['uniform_spec']), uniform_ckpt(),
+         '--sizes', '160x160', '320x320' if args.quick else '640x640', '--repeats', '5' if args.quick else '50',
+         '--names', 'baseline', 'pruned', 'uniform', '--json', paths['benchmark']]))
 
     banner('report')
     from mmfisher.reporting import write_demo_report

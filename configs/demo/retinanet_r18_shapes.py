@@ -42,7 +42,7 @@ test_dataloader = val_dataloader
 val_evaluator = dict(ann_file=data_root + 'annotations/instances_val2017.json')
 test_evaluator = val_evaluator
 
-max_iters = 1200
+max_iters = 800
 train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=max_iters, val_interval=max_iters)
 optim_wrapper = dict(_delete_=True, type='OptimWrapper', optimizer=dict(type='AdamW', lr=2e-3, weight_decay=1e-4),
                      clip_grad=dict(max_norm=10.0))
@@ -50,7 +50,7 @@ param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=100),
     dict(type='CosineAnnealingLR', by_epoch=False, begin=100, end=max_iters, eta_min=2e-5),
 ]
-default_hooks = dict(checkpoint=dict(by_epoch=False, interval=300, max_keep_ckpts=2),
+default_hooks = dict(checkpoint=dict(by_epoch=False, interval=200, max_keep_ckpts=2),
                      logger=dict(interval=20))
 log_processor = dict(by_epoch=False)
 randomness = dict(seed=0)

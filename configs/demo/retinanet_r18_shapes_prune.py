@@ -3,7 +3,7 @@
 # paper's one channel every 10 iterations would need thousands of CPU iterations here.
 _base_ = ['./retinanet_r18_shapes.py']
 
-load_from = 'work_dirs/retinanet_r18_shapes/iter_1200.pth'
+load_from = 'work_dirs/retinanet_r18_shapes/iter_800.pth'
 max_iters = 600
 train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
 optim_wrapper = dict(optimizer=dict(lr=2e-4))
