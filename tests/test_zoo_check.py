@@ -20,7 +20,9 @@ def test_zoo_check_on_a_fixed_subset(tmp_path):
                           '--md', str(tmp_path / 'matrix.md'), '--json', str(tmp_path / 'matrix.json')],
                          cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    rows = {osp.basename(r['config']): r for r in json.load(open(tmp_path / 'matrix.json'))}
+    rows_in_order = json.load(open(tmp_path / 'matrix.json'))
+    assert all(r['commit'] and r['candidates'] for r in rows_in_order)
+    rows = {osp.basename(r['config']): r for r in rows_in_order}
     tood = rows['tood_r50_fpn_1x_coco.py']
     assert tood['status'] == 'pass' and tood['max_rel_err'] <= 1e-4
     assert any('compiled op DeformConv2dFunction' in r for r in tood['reasons'])
@@ -28,3 +30,11 @@ def test_zoo_check_on_a_fixed_subset(tmp_path):
     assert rows['broken.py']['status'] == 'harness' and 'NoSuchDetector' in rows['broken.py']['error']
     md = (tmp_path / 'matrix.md').read_text()
     assert '| mmdet | tood | `tood/tood_r50_fpn_1x_coco.py` | pass |' in md
+
+    # --resume keeps what the JSON holds: nothing is checked again
+    again = subprocess.run([sys.executable, 'tools/analysis_tools/zoo_check.py', '--configs', *configs, '--shape', '128',
+                            '--json', str(tmp_path / 'matrix.json'), '--resume'],
+                           cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert '3 families kept' in again.stdout and '[zoo] ' not in again.stdout.replace('[zoo] 3 families kept', '')
+    assert json.load(open(tmp_path / 'matrix.json')) == list(rows_in_order)

@@ -3,7 +3,7 @@
     python tools/analysis_tools/zoo_check.py [--packages mmdet mmpretrain] [--families retinanet fcos ...]
                                              [--configs PATH ...] [--jobs 1] [--timeout 300] [--shape 256]
                                              [--fraction 0.7] [--md docs/support_matrix.md]
-                                             [--json docs/support_matrix.json]
+                                             [--json docs/support_matrix.json] [--resume]
 
 For one representative config per family (the shortest name, preferring ResNet-50 and the 1x
 schedule; the next of three if the check cannot run it), in a subprocess with a time limit: build it with random weights (nothing downloaded),
@@ -17,6 +17,9 @@ A row is ``pass``, ``fail`` (something mmfisher does went wrong: the analysis, t
 outputs, or the compact model's train / predict while the original's work), ``harness`` (the check
 itself could not run the model: it does not build here, or the original model's own train step or
 predict fails on generated data), ``timeout`` or ``nothing prunable``.
+
+The whole matrix takes hours on 2 cores: ``--json`` is rewritten after every family, and
+``--resume`` keeps the families it already holds (each row records the mmfisher commit it ran on).
 """
 import argparse
 import concurrent.futures
@@ -43,7 +46,9 @@ def parse_args(argv=None):
     p.add_argument('--shape', type=int, default=256, help='input size for detectors (classifiers: 224)')
     p.add_argument('--fraction', type=float, default=0.7, help='share of every prunable group kept')
     p.add_argument('--md', help='write the matrix as markdown here')
-    p.add_argument('--json', help='write the results as JSON here')
+    p.add_argument('--json', help='write the results as JSON here (rewritten after every family)')
+    p.add_argument('--resume', action='store_true',
+                   help='keep the families --json already holds and check only the others')
     p.add_argument('--worker', help=argparse.SUPPRESS)
     p.add_argument('--worker-out', help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -264,6 +269,16 @@ def run_one(package, family, config, args):
     return row
 
 
+def source_commit():
+    """The git commit of the mmfisher tree this runs from ('unknown' outside a git checkout)."""
+    try:
+        out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() or 'unknown'
+    except (OSError, subprocess.TimeoutExpired):
+        return 'unknown'
+
+
 def rel(config):
     for package in ('mmdet', 'mmpretrain'):
         try:
@@ -292,7 +307,8 @@ def markdown(rows, args):
         '',
         f'`python tools/analysis_tools/zoo_check.py{" --families " + " ".join(args.families) if args.families else ""}'
         f' --shape {args.shape} --fraction {args.fraction}` with mmdet {mmdet.__version__}, mmpretrain {pre}, '
-        f'mmengine {mmengine.__version__}, torch {torch.__version__}: ' +
+        f'mmengine {mmengine.__version__}, torch {torch.__version__}, mmfisher commit '
+        f'{", ".join(sorted({r.get("commit", "unknown") for r in rows}))}: ' +
         ', '.join(f'{v} {k}' for k, v in sorted(counts.items())) + '.',
         '',
         'Per family, one config (random weights): strict analysis; every prunable group cut to a random '
@@ -331,23 +347,36 @@ def main(argv=None):
     if not todo:
         sys.exit('error: no config to check (see --packages / --families / --configs)')
     rows = [None] * len(todo)
+    if args.resume and args.json and osp.isfile(args.json):
+        with open(args.json) as f:
+            done = {(r['package'], r['family'], tuple(r.get('candidates', ()))): r for r in json.load(f)}
+        rows = [done.get((package, family, tuple(configs))) for package, family, configs in todo]
+        print(f'[zoo] {sum(r is not None for r in rows)} families kept from {args.json}', flush=True)
+    commit = source_commit()
+
+    def save():
+        if args.json:
+            tmp = args.json + '.part'
+            with open(tmp, 'w') as f:
+                json.dump([r for r in rows if r is not None], f, indent=1)
+            os.replace(tmp, args.json)
+
     with concurrent.futures.ThreadPoolExecutor(max(1, args.jobs)) as pool:
-        futures = {pool.submit(run_family, *t, args): i for i, t in enumerate(todo)}
+        futures = {pool.submit(run_family, *t, args): i for i, t in enumerate(todo) if rows[i] is None}
         for fut in concurrent.futures.as_completed(futures):
             i = futures[fut]
-            rows[i] = fut.result()
+            rows[i] = dict(fut.result(), commit=commit, candidates=list(todo[i][2]))
             r = rows[i]
             print(f'[zoo] {r["package"]}/{r["family"]}: {r["status"]}'
                   + (f' ({r["error"]})' if r.get('error') else '')
                   + (f', max rel. error {r["max_rel_err"]:.1e}' if 'max_rel_err' in r else ''), flush=True)
+            save()
     text = markdown(rows, args)
     print(text)
     if args.md:
         with open(args.md, 'w') as f:
             f.write(text)
-    if args.json:
-        with open(args.json, 'w') as f:
-            json.dump(rows, f, indent=1)
+    save()
     return rows
 
 
