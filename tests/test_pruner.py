@@ -150,6 +150,8 @@ def test_target_stops_pruning_and_unreachable_target_is_refused():
     with pytest.raises(ValueError, match=r'must be in \(0, 1\)'):
         make(target=('params', 1.5))
     with pytest.raises(ValueError, match='not one of'):
+        make(target=('speed', 0.5))
+    with pytest.raises(ValueError, match='need a latency model'):
         make(target=('latency', 0.5))
     with pytest.raises(ValueError, match='normalization'):
         make(normalization='fisher')

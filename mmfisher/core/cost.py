@@ -11,6 +11,9 @@ divided out):
 * params: all parameters of the model; conv/linear weights and biases and norm
   affine parameters shrink with their channels.
 
+* latency: with a :class:`~mmfisher.core.latency.LatencyModel` attached (:meth:`CostModel.attach_latency`),
+  the predicted milliseconds on the device it was measured on.
+
 ``CostModel.saving(kind, keep)`` returns, for every flat channel, what removing
 it alone would save now; it is re-measured after every removal because the
 FLOPs a channel costs depend on how many channels its neighbours still have.
@@ -25,11 +28,12 @@ import torch.nn as nn
 
 from .groups import CouplingGraph
 
-RESOURCES = ('flops', 'memory', 'params')
+RESOURCES = ('flops', 'memory', 'params', 'latency')
 
 
 @dataclass
 class _Layer:
+    name: str                  # the module
     out_idx: torch.Tensor      # [out] flat channel of each output position (U = untracked)
     in_idx: torch.Tensor       # [in]
     rows: float                # output positions per sample, summed over calls
@@ -50,6 +54,7 @@ class CostModel:
     def __init__(self, model: nn.Module, graph: CouplingGraph) -> None:
         U = graph.num_channels
         self.num_channels = U
+        self.latency = None               # a LatencyModel, once attached
         batch = float(graph.batch_size or 1)
         self.layers: List[_Layer] = []
         self.norms: List[Tuple[torch.Tensor, float]] = []   # per-channel arrays: (channel index, params each)
@@ -61,7 +66,7 @@ class CostModel:
                 geo = lt.geometry(m, rec, batch)
                 ou, on = self._counts(out_idx, U)
                 iu, inn = self._counts(in_idx, U)
-                self.layers.append(_Layer(out_idx, in_idx, geo.rows, geo.flop_rows, geo.kernel,
+                self.layers.append(_Layer(name, out_idx, in_idx, geo.rows, geo.flop_rows, geo.kernel,
                                           in_idx.numel() // geo.groups, geo.groups > 1, geo.bias, ou, on, iu, inn))
             elif 'feat' in rec.arrays and lt.params_per_channel(m):
                 self.norms.append((self._ext(graph.arrays[(name, 'feat')].channel, U), lt.params_per_channel(m)))
@@ -79,6 +84,17 @@ class CostModel:
         for L in self.layers:
             self._memory.index_add_(0, L.out_u, L.out_n * L.rows)
         self._memory = self._memory[:U]
+
+    def attach_latency(self, latency) -> None:
+        """Count ``latency`` (a :class:`~mmfisher.core.latency.LatencyModel` built on this cost model) as a
+        resource: ``totals`` / ``ratios`` gain ``'latency'`` (ms) and ``saving('latency', keep)`` works."""
+        if latency.cost is not self:
+            raise ValueError('the latency model was built on another CostModel')
+        self.latency = latency
+
+    def resources(self):
+        """The resources this cost model counts: flops, memory, params, and latency once attached."""
+        return RESOURCES if self.latency is not None else RESOURCES[:3]
 
     @staticmethod
     def _ext(chan: torch.Tensor, U: int) -> torch.Tensor:
@@ -108,14 +124,21 @@ class CostModel:
         return flops, memory, params
 
     def totals(self, keep: torch.Tensor) -> Dict[str, float]:
-        """``{'flops', 'memory', 'params'}`` of the model with only ``keep`` channels."""
+        """``{'flops', 'memory', 'params'}`` (and ``'latency'`` in ms, if attached) of the model with only
+        ``keep`` channels."""
         flops, memory, layer_params = self._layer_totals(keep)
         params = float(self.total_params) - (self._layer_params0 - layer_params)
-        return {'flops': flops, 'memory': memory, 'params': params}
+        out = {'flops': flops, 'memory': memory, 'params': params}
+        if self.latency is not None:
+            out['latency'] = self.latency.total(keep)
+        return out
 
     def ratios(self, keep: torch.Tensor) -> Dict[str, float]:
         now = self.totals(keep)
-        return {k: now[k] / self.original[k] if self.original[k] else 1.0 for k in RESOURCES}
+        ratios = {k: now[k] / self.original[k] if self.original[k] else 1.0 for k in RESOURCES[:3]}
+        if self.latency is not None:
+            ratios['latency'] = now['latency'] / self.latency.original
+        return ratios
 
     def saving(self, kind: str, keep: torch.Tensor) -> torch.Tensor:
         """``[num_channels]`` float64: what removing each channel alone saves now."""
@@ -124,8 +147,13 @@ class CostModel:
             return self._memory.clone()
         if kind == 'none':
             return torch.ones(U, dtype=torch.float64)
+        if kind == 'latency':
+            if self.latency is None:
+                raise ValueError("cost 'latency' needs a latency model: CostModel.attach_latency(LatencyModel."
+                                 "measure(...))")
+            return self.latency.saving(keep)
         if kind not in ('flops', 'params'):
-            raise ValueError(f'unknown cost {kind!r}: use memory, flops, params or none')
+            raise ValueError(f'unknown cost {kind!r}: use memory, flops, params, latency or none')
         alive = self._alive(keep)
         out = torch.zeros(U + 1, dtype=torch.float64)
         for L in self.layers:

@@ -32,7 +32,7 @@ from .masks import ConsumerInputs
 from .shrink import round_keep, shrink
 from .spec import make_spec
 
-NORMALIZATIONS = ('memory', 'flops', 'none')
+NORMALIZATIONS = ('memory', 'flops', 'latency', 'none')
 
 
 class TargetUnreachableError(ValueError):
@@ -45,7 +45,8 @@ class GroupFisherPruner:
     Args:
         model: the model the graph was analysed on.
         graph: :func:`mmfisher.core.analyse` result.
-        normalization: 'memory' (default, the paper's -M), 'flops' (-F) or 'none' (-U).
+        normalization: 'memory' (default, the paper's -M), 'flops' (-F), 'latency' (-L: the milliseconds
+            a channel costs on the device, predicted by ``latency``) or 'none' (-U).
         min_channels: no layer keeps fewer channels than this.
         internal_only: prune only groups written by one layer (depthwise convs that read and
             write the group aside): the paper's -I, no residual streams, FPN outputs or other
@@ -58,12 +59,14 @@ class GroupFisherPruner:
         importance: what channels are ranked by: 'fisher' (default), 'l1', 'random', a registered
             criterion's name, ``dict(type=name, **options)`` or an instance (:mod:`mmfisher.core.criteria`).
             Everything else (groups, normalization, constraints, schedule) is the same for every criterion.
+        latency: a :class:`~mmfisher.core.latency.LatencyModel` of this model and graph, or its
+            ``state_dict()``; needed by ``normalization='latency'`` and ``target=('latency', r)``.
     """
 
     def __init__(self, model: nn.Module, graph: CouplingGraph, *, normalization: str = 'memory',
                  min_channels: int = 1, internal_only: bool = False, exclude: Sequence[str] = (),
                  target: Optional[Sequence[Any]] = None, frozen_every: int = 1,
-                 importance: Any = 'fisher') -> None:
+                 importance: Any = 'fisher', latency: Any = None) -> None:
         if normalization not in NORMALIZATIONS:
             raise ValueError(f'normalization={normalization!r} is not one of {NORMALIZATIONS}')
         if int(min_channels) < 1:
@@ -77,6 +80,19 @@ class GroupFisherPruner:
         self.fisher = FisherImportance(self.consumers, frozen_every)
         self.fisher.enabled = self.criterion.uses_fisher      # no Fisher hooks' work for other criteria
         self.cost = CostModel(model, graph)
+        needs_latency = normalization == 'latency' or (target is not None and len(target) == 2
+                                                       and target[0] == 'latency')
+        if latency is not None:
+            from .latency import LatencyModel
+            if not isinstance(latency, LatencyModel):
+                latency = LatencyModel.from_state(self.cost, latency)
+            elif latency.cost is not self.cost:
+                latency = LatencyModel.from_state(self.cost, latency.state_dict())
+            self.cost.attach_latency(latency)
+        elif needs_latency:
+            raise ValueError("normalization='latency' and target ('latency', r) need a latency model of this "
+                             "model: latency=LatencyModel.measure(model, graph, forward_of) (FisherPruningHook "
+                             "measures one before training)")
         U = graph.num_channels
         self.keep = torch.ones(U, dtype=torch.bool)
         self._ratios: Optional[Tuple[int, Dict[str, float]]] = None   # (channels removed, ratios)
@@ -132,6 +148,15 @@ class GroupFisherPruner:
             raise ValueError(f'target resource {resource!r} is not one of {RESOURCES}')
         if not 0.0 < ratio < 1.0:
             raise ValueError(f'target ratio {ratio} must be in (0, 1): it is the fraction of {resource} to keep')
+        if resource == 'latency':
+            # the fixed part of the latency does not shrink: say so before any long work
+            lat = self.cost.latency
+            fixed = lat.fixed / lat.original if lat.original else 0.0
+            if fixed > ratio:
+                raise TargetUnreachableError(
+                    f'latency cannot fall to {ratio:.3f} of the original: the latency model predicts {lat.fixed:.1f} '
+                    f'of its {lat.original:.1f} ms ({fixed:.3f}) outside the layers, whatever is pruned. Raise the '
+                    f'target ratio.')
         floor = self.lowest_ratio(resource)
         if floor > ratio:
             raise TargetUnreachableError(
@@ -330,6 +355,7 @@ class GroupFisherPruner:
             'min_channels': self.min_channels,
             'criterion': self.criterion.options(),
             'signature': self.signature(),
+            **({'latency': self.cost.latency.state_dict()} if self.cost.latency is not None else {}),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:

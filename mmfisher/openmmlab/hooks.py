@@ -116,8 +116,13 @@ class FisherPruningHook(Hook):
 
     Args:
         interval: iterations between pruning steps (paper: 10 for detection, 25 for classification).
-        target: ``(resource, ratio)`` with resource 'flops', 'memory' or 'params', e.g. ``('flops', 0.5)``.
-        normalization: 'memory' (default, the paper's -M), 'flops' (-F) or 'none' (-U).
+        target: ``(resource, ratio)`` with resource 'flops', 'memory', 'params' or 'latency', e.g.
+            ``('flops', 0.5)``. 'latency' is the latency predicted for the device training runs on.
+        normalization: 'memory' (default, the paper's -M), 'flops' (-F), 'latency' (-L) or 'none' (-U).
+            With -L or a latency target, a latency model of the network is measured on the training
+            device before training starts (:mod:`mmfisher.core.latency`; cached, and stored in every
+            checkpoint so a resumed run predicts the same); the pruned checkpoints' meta records the
+            predicted latency and the latency measured once on the compact model.
         save_ratios: ratios (of the target resource, above the target) at which to also write a
             pruned checkpoint.
         channels_per_step: channels removed at each pruning step (1 as in the paper), or a fraction in
@@ -230,10 +235,13 @@ class FisherPruningHook(Hook):
         hw = self._analysis_shape(runner)
         graph = analyse(model, forward=example_forward(model, (1, 3) + tuple(hw)))
         self.analysis_shape = tuple(hw)
+        latency = None
+        if self.normalization == 'latency' or self.target[0] == 'latency':
+            latency = self._latency_state(runner, model, graph)
         self.pruner = GroupFisherPruner(model, graph, normalization=self.normalization,
                                         min_channels=self.min_channels, internal_only=self.internal_only,
                                         exclude=self.exclude, target=self.target, frozen_every=self.frozen_every,
-                                        importance=dict(self.importance))
+                                        importance=dict(self.importance), latency=latency)
         s = graph.summary()
         runner.logger.info(
             f'[mmfisher] {s["prunable_groups"]}/{s["groups"]} channel groups prunable '
@@ -263,6 +271,45 @@ class FisherPruningHook(Hook):
             runner.logger.info(f'[mmfisher] the resumed run had already ended pruning ({self._ratio_text()}): '
                                f'ending training at once')
             self._stop(runner)
+
+    def _latency_state(self, runner, model, graph) -> dict:
+        """The latency model's state: the resumed run's, else measured on rank 0 and sent to every rank."""
+        resumed = (self._resume_state or {}).get('pruner', {}).get('latency')
+        if resumed is not None:
+            runner.logger.info(f'[mmfisher] latency model of the resumed run ({resumed["device"]})')
+            return resumed
+        box = [None]
+        if is_main_process():
+            from ..core.cost import CostModel
+            from ..core.latency import LatencyModel
+            t0 = time.perf_counter()
+            shape = (1, 3) + tuple(self.analysis_shape)
+            lat = LatencyModel.measure(model, graph, lambda m: example_forward(m, shape), cost=CostModel(model, graph),
+                                       log=lambda s: runner.logger.info(f'[mmfisher] {s}'))
+            runner.logger.info(f'[mmfisher] latency model measured in {time.perf_counter() - t0:.0f} s: '
+                               f'{lat.original:.1f} ms predicted for the unpruned network, of which {lat.fixed:.1f} '
+                               f'ms fixed (layers x{lat.alpha:.2f}, {lat.per_memory * 1e6:.3f} ms per M feature '
+                               f'elements)')
+            box = [lat.state_dict()]
+        broadcast_object_list(box)
+        return box[0]
+
+    def _measured_latency(self, compact, keep) -> Dict[str, float]:
+        """The latency model's prediction for the kept channels and the compact model's measured latency
+        (tools/benchmark.py's method: tensor mode, median of interleaved runs, here of one model)."""
+        from .benchmarking import interleaved_latency, tensor_run
+        lat = self.pruner.cost.latency
+        p = next(compact.parameters())
+        x = torch.randn(1, 3, *self.analysis_shape, device=p.device)
+        was = compact.training
+        compact.eval()
+        try:
+            measured = interleaved_latency([tensor_run(compact, x)], repeats=20, warmup=3, device=str(p.device))
+        finally:
+            compact.train(was)
+        return {'predicted_ms': lat.total(keep), 'measured_ms': measured[0]['latency_ms'],
+                'original_predicted_ms': lat.original, 'device': lat.device,
+                'input_shape': [1, 3, *self.analysis_shape]}
 
     def options(self) -> Dict[str, Any]:
         """The options that shape the pruning run, as plain data (stored in every checkpoint)."""
@@ -306,7 +353,7 @@ class FisherPruningHook(Hook):
 
     def _ratio_text(self) -> str:
         r = self.pruner.ratios()
-        return ', '.join(f'{k} {r[k]:.4f}' for k in RESOURCES)
+        return ', '.join(f'{k} {r[k]:.4f}' for k in RESOURCES if k in r)
 
     def _publish(self, runner) -> None:
         r = self.pruner.ratios()
@@ -314,7 +361,8 @@ class FisherPruningHook(Hook):
         hub.update_scalar('train/pruned_channels', float(len(self.pruner.history)))
         hub.update_scalar('train/postponed_steps', float(self.pruner.postponed))
         for k in RESOURCES:
-            hub.update_scalar(f'train/{k}_ratio', float(r[k]))
+            if k in r:
+                hub.update_scalar(f'train/{k}_ratio', float(r[k]))
 
     # ---------------------------------------------------------------- training
     def after_train_iter(self, runner, batch_idx: int, data_batch=None, outputs=None) -> None:
@@ -415,6 +463,8 @@ class FisherPruningHook(Hook):
                     'weights_sha256': weights_digest(weights),
                 },
             }
+            if self.pruner.cost.latency is not None:
+                meta['mmfisher']['latency'] = self._measured_latency(compact, keep)
             dataset_meta = getattr(getattr(runner.train_dataloader, 'dataset', None), 'metainfo', None)
             if dataset_meta:
                 from .checkpoint import to_plain

@@ -1,0 +1,116 @@
+"""The latency model: its arithmetic against obvious references, its cache, its use by the pruner.
+
+How well it predicts measured latency is a benchmark (benchmarks/latency_model.py), not a test:
+timings on a shared machine are noise for a unit test."""
+import copy
+
+import pytest
+import torch
+
+from mmfisher.core import analyse
+from mmfisher.core.cost import CostModel
+from mmfisher.core.latency import LatencyModel, LayerTable, TimingCache, fit, interp1, interp2
+from mmfisher.core.pruner import GroupFisherPruner
+from test_pruner import ResNetish, train
+
+
+def test_interpolation_is_exact_at_the_grid_and_linear_between():
+    gx = torch.tensor([1.0, 2.0, 4.0], dtype=torch.float64)
+    gy = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    v = torch.tensor([[1.0, 5.0], [2.0, 8.0], [6.0, 9.0]], dtype=torch.float64)
+    for i in range(3):
+        for j in range(2):
+            assert float(interp2(gx, gy, v, gx[i:i + 1], gy[j:j + 1])) == v[i, j]
+    # between grid points: the weighted average of the four corners
+    x, y = torch.tensor([3.0], dtype=torch.float64), torch.tensor([2.0], dtype=torch.float64)
+    ref = 0.5 * (0.5 * 2.0 + 0.5 * 6.0) + 0.5 * (0.5 * 8.0 + 0.5 * 9.0)
+    assert abs(float(interp2(gx, gy, v, x, y)) - ref) < 1e-12
+    # beyond the ends: the end segments continue
+    assert abs(float(interp1(gx, v[:, 0], torch.tensor([6.0], dtype=torch.float64))) - 10.0) < 1e-12
+
+
+def test_fit_recovers_the_coefficients_that_generated_the_times():
+    S, M = [40.0, 30.0, 21.0, 12.0], [5e5, 4e5, 2.6e5, 1.5e5]
+    T = [1.3 * s + 2.5 + 4e-6 * m for s, m in zip(S, M)]
+    alpha, a, b = fit({'ms': T, 'layers_ms': S, 'memory': M})
+    assert abs(alpha - 1.3) < 1e-9 and abs(a - 2.5) < 1e-9 and abs(b - 4e-6) < 1e-15
+    # a negative fixed cost is not physical: the best non-negative terms are used instead
+    alpha, a, b = fit({'ms': [2 * s - 1 for s in S], 'layers_ms': S, 'memory': M})
+    assert min(alpha, a, b) >= 0
+
+
+@pytest.fixture(scope='module')
+def measured(tmp_path_factory):
+    torch.manual_seed(0)
+    model = ResNetish()
+    x = torch.randn(1, 3, 16, 16)
+    graph = analyse(model, x)
+    cache = TimingCache(str(tmp_path_factory.mktemp('cache') / 'latency.json'))
+    lat = LatencyModel.measure(model, graph, lambda m: (lambda: m(x)), cache=cache, repeats=3)
+    return model, graph, lat, cache
+
+
+def test_every_layer_is_timed_at_its_own_channel_counts(measured):
+    model, graph, lat, cache = measured
+    assert [t.name for t in lat.tables] == ['stem', 'c1', 'dw', 'c2', 'c3', 'gconv', 'head']
+    stem = lat.tables[0]
+    assert stem.in_grid.tolist() == [3.0] and stem.out_grid.tolist() == [1.0, 2.0, 4.0, 6.0, 8.0]
+    dw = lat.tables[2]                       # depthwise: whole groups, one grid
+    assert dw.groups.tolist() == [1.0, 2.0, 3.0, 4.0, 6.0] and dw.times.shape == (5,)
+    assert (stem.times > 0).all() and cache.measured > 0
+    assert lat.measured['widths'] == [1.0, 0.8, 0.6, 0.4] and min(lat.alpha, lat.fixed, lat.per_memory) >= 0
+
+
+def test_a_second_measurement_comes_from_the_cache(measured):
+    model, graph, lat, cache = measured
+    again = TimingCache(cache.path)
+    lat2 = LatencyModel.measure(model, graph, lambda m: (lambda: m(torch.randn(1, 3, 16, 16))), cache=again,
+                                repeats=3)
+    assert again.measured == 0
+    assert all(torch.equal(a.times, b.times) for a, b in zip(lat.tables, lat2.tables))
+
+
+def test_saving_is_the_drop_of_the_total_when_one_channel_goes(measured):
+    """Against the slow, obvious computation: predict the network with and without each channel."""
+    model, graph, lat, _ = measured
+    keep = torch.ones(graph.num_channels, dtype=torch.bool)
+    keep[graph.group('c1').offset] = False           # somewhere inside the grid already
+    saving = lat.saving(keep)
+    now = lat.total(keep)
+    for ch in range(graph.num_channels):
+        if not keep[ch]:
+            continue
+        less = keep.clone()
+        less[ch] = False
+        assert abs(float(saving[ch]) - (now - lat.total(less))) < 1e-9 * max(1.0, now), graph.groups[
+            graph.group_index(ch)].name
+
+
+def test_the_state_predicts_the_same_after_a_round_trip(measured, tmp_path):
+    model, graph, lat, _ = measured
+    torch.save(lat.state_dict(), tmp_path / 'lat.pth')
+    state = torch.load(tmp_path / 'lat.pth', weights_only=True)
+    again = LatencyModel.from_state(CostModel(model, graph), state)
+    keep = torch.rand(graph.num_channels, generator=torch.Generator().manual_seed(0)) > 0.3
+    assert again.total(keep) == lat.total(keep) and torch.equal(again.saving(keep), lat.saving(keep))
+    other = analyse(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv2d(4, 2, 1)), torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match='measured on another architecture'):
+        LatencyModel.from_state(CostModel(model, other), state)
+
+
+def test_the_pruner_needs_a_latency_model_for_latency_and_prunes_to_a_latency_target(measured):
+    model, graph, lat, _ = measured
+    with pytest.raises(ValueError, match=r'need a latency model of this model: latency=LatencyModel\.measure'):
+        GroupFisherPruner(model, graph, normalization='latency')
+    model = copy.deepcopy(model)
+    graph = analyse(model, torch.randn(1, 3, 16, 16))
+    target = 1.0 - 0.5 * (1.0 - lat.fixed / lat.original)       # half of what can go
+    pruner = GroupFisherPruner(model, graph, normalization='latency', target=('latency', target),
+                               latency=lat.state_dict()).attach()
+    assert pruner.ratios()['latency'] == 1.0
+    train(model, pruner, 200, interval=1, per_step=1)
+    assert pruner.reached() and pruner.ratios()['latency'] <= target
+    state = pruner.state_dict()
+    assert state['latency']['tables'] == lat.state_dict()['tables']
+    with pytest.raises(ValueError, match='latency cannot fall to 0.010'):
+        GroupFisherPruner(model, graph, target=('latency', 0.01), latency=lat)
