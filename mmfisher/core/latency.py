@@ -5,7 +5,9 @@ The latency model of a network (``LatencyModel.measure``):
 * every producing layer (conv, linear) is timed alone on the device, with the input shape of each
   of its calls in the analysis, at a grid of channel counts around its own: input and output
   positions at 1, 1/4, 1/2, 3/4 and all of the layer's (a group conv: whole groups, on the
-  diagonal). ``T_L(n_in, n_out)`` interpolates the grid (bilinear; linear for a group conv);
+  diagonal). ``T_L(n_in, n_out)`` interpolates the grid (bilinear; linear for a group conv), whose
+  times are first made non-decreasing in the channel counts (:func:`monotone`: timing noise never
+  makes fewer channels look slower);
 * the whole network is timed at several uniform widths (``uniform_keep``), and
   ``T(keep) = alpha * sum_L T_L(n_in, n_out) + a + b * memory(keep)`` is fitted to those times: the
   layers measured alone (``alpha``: how their sum compares with the network's), a fixed cost
@@ -152,6 +154,9 @@ class LayerTable:
     groups: Optional[torch.Tensor] = None   # [G] group counts (group convs)
     opg: int = 1                   # output positions per group
 
+    def __post_init__(self) -> None:
+        self.times = monotone(self.times)
+
     def predict(self, n_in: torch.Tensor, n_out: torch.Tensor) -> torch.Tensor:
         """ms at ``n_in`` input and ``n_out`` output positions (float64 tensors of one shape)."""
         if self.groups is not None:
@@ -168,6 +173,17 @@ class LayerTable:
         t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
         return cls(s['name'], t(s['in_grid']), t(s['out_grid']), t(s['times']),
                    None if s['groups'] is None else t(s['groups']), int(s['opg']))
+
+
+def monotone(times: torch.Tensor) -> torch.Tensor:
+    """``times`` (``[I, O]`` or ``[G]``, grids ascending) made non-decreasing along every axis: each entry
+    becomes the least time measured at that many channels or more. A layer with fewer channels is never
+    predicted slower than one with more, so one noisy timing (a page fault, another process) cannot make
+    a cut look expensive or a pruned network look slower than the whole one."""
+    out = times.flip(list(range(times.dim())))
+    for d in range(times.dim()):
+        out = out.cummin(d).values
+    return out.flip(list(range(times.dim())))
 
 
 def _bracket(grid: torch.Tensor, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -395,4 +411,4 @@ def _measure_layer(rec, L, prunable: torch.Tensor, device: torch.device, dev: st
                       torch.tensor(times, dtype=torch.float64))
 
 
-__all__ = ['LatencyModel', 'LayerTable', 'TimingCache', 'time_ms', 'device_name', 'interp1', 'interp2', 'fit']
+__all__ = ['LatencyModel', 'LayerTable', 'TimingCache', 'time_ms', 'device_name', 'interp1', 'interp2', 'fit', 'monotone']
