@@ -312,3 +312,49 @@ def test_a_failing_op_rule_is_an_error_under_strict_and_unprunable_otherwise(mon
         analyse(Two(body), torch.randn(1, 3, 8, 8), strict=True)
     grp = analyse(Two(body), torch.randn(1, 3, 8, 8)).group('b')
     assert not grp.prunable and 'cat not understood (IndexError: a bug in the rule)' in grp.reasons[0]
+
+
+class WSConv(nn.Conv2d):
+    """Weight standardisation over each filter's inputs (mmcv's ConvWS, in plain torch)."""
+
+    def forward(self, x):
+        w = self.weight
+        flat = w.flatten(1)
+        w = (w - flat.mean(1).view(-1, 1, 1, 1)) / (flat.std(1).view(-1, 1, 1, 1) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class SamePadConv(nn.Conv2d):
+    """Pads to 'same' before a stock conv (mmcv's Conv2dAdaptivePadding): channel-wise, prunes as usual."""
+
+    def forward(self, x):
+        return super().forward(F.pad(x, (1, 1, 1, 1)))
+
+
+class ScaledOutConv(nn.Conv2d):
+    """Keeps a per-output buffer the stock shrink does not know about (like mmcv's ConvAWS gamma)."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.register_buffer('gamma', torch.rand(self.out_channels, 1, 1))
+
+    def forward(self, x):
+        return super().forward(x) * self.gamma
+
+
+@pytest.mark.parametrize('cls, in_ok, out_ok', [(WSConv, False, True), (SamePadConv, True, True),
+                                                 (ScaledOutConv, True, False)])
+def test_a_conv_with_its_own_forward_is_pruned_only_where_it_prunes_like_a_plain_one(cls, in_ok, out_ok):
+    from helpers import masked_and_shrunk, max_rel_err, random_keep
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), cls(8, 12, 3, padding=0 if cls is SamePadConv
+                                                                      else 1), nn.ReLU(), nn.Conv2d(12, 4, 1))
+    x = torch.randn(2, 3, 10, 10)
+    graph = analyse(model, x, strict=True)
+    into, out_of = graph.group('0'), graph.group('2')
+    assert into.prunable == in_ok and out_of.prunable == out_ok, (into.reasons, out_of.reasons)
+    for grp, ok in ((into, in_ok), (out_of, out_ok)):
+        if not ok:
+            assert any(cls.__name__ in r and 'left unpruned' in r for r in grp.reasons), grp.reasons
+    ref, out, _ = masked_and_shrunk(model, graph, random_keep(graph, 0.5), lambda m: m(x))
+    assert max_rel_err(ref, out) < 1e-5

@@ -9,11 +9,11 @@ from .masks import ConsumerInputs
 from .shrink import shrink
 from .spec import (SPEC_FORMAT, SpecError, SpecFormatError, SpecMismatchError, make_spec, spec_to_keep,
                    validate_spec, weights_digest)
-from .layers import LayerType, register_layer_type
+from .layers import LayerType, register_layer_type, register_plain_forward
 from .op_rules import OP_RULES, op_rule
 from .trace import AnalysisRuleError
 
 __all__ = ['analyse', 'CouplingGraph', 'ChannelGroup', 'ConsumerInputs', 'shrink', 'make_spec',
            'spec_to_keep', 'validate_spec', 'weights_digest', 'SpecError', 'SpecFormatError',
-           'SpecMismatchError', 'SPEC_FORMAT', 'LayerType', 'register_layer_type', 'OP_RULES', 'op_rule',
+           'SpecMismatchError', 'SPEC_FORMAT', 'LayerType', 'register_layer_type', 'register_plain_forward', 'OP_RULES', 'op_rule',
            'AnalysisRuleError']

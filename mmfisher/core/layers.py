@@ -23,6 +23,7 @@ A recorded module's channel arrays are named by *role*: ``'out'``/``'in'`` for p
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
@@ -57,6 +58,7 @@ class ModuleRecord:
     layer_type: 'LayerType'
     arrays: Dict[str, torch.Tensor] = field(default_factory=dict)
     calls: List[Call] = field(default_factory=list)
+    checked: bool = False      # a subclass's own forward was checked (:func:`check_own_forward`)
 
     @property
     def kind(self) -> str:
@@ -139,6 +141,88 @@ def index_attr(module: nn.Module, name: str, dim: int, idx: torch.Tensor) -> Non
         setattr(module, name, new.clone())
 
 
+# --------------------------------------------------------------------------- #
+# a subclass with its own forward: checked once that it prunes like the stock layer
+# --------------------------------------------------------------------------- #
+_PLAIN_FORWARDS = {nn.Conv1d.forward, nn.Conv2d.forward, nn.Conv3d.forward, nn.ConvTranspose1d.forward,
+                   nn.ConvTranspose2d.forward, nn.ConvTranspose3d.forward, nn.Linear.forward}
+
+
+def register_plain_forward(cls: type) -> None:
+    """Declare that ``cls.forward`` computes what the stock conv / linear layer it subclasses computes
+    (mmcv's wrappers, which only add an empty-batch path): it is then not checked during the trace."""
+    _PLAIN_FORWARDS.add(cls.forward)
+
+
+def _first_of_groups(n: int, groups: int, drop: int) -> torch.Tensor:
+    """Positions kept when the first ``drop`` of ``groups`` equal blocks of ``n`` go: ``[kept]`` LongTensor."""
+    per = n // groups
+    return torch.arange(drop * per, n)
+
+
+def check_own_forward(tracer: 'ChannelTracer', rec: ModuleRecord, x: torch.Tensor, out: torch.Tensor,
+                      ain: torch.Tensor, aout: torch.Tensor, dim: int) -> None:
+    """For a conv / linear subclass whose forward is not the stock one (weight standardisation, adaptive
+    padding, a custom kernel): check on this input that removing input channels (zeroing them, as the
+    masks do, against dropping them from the weight, as the shrink does) and removing output channels
+    give the same result. A side that does not is tainted: the layer is then left unpruned on that side,
+    never mis-pruned. Runs once per module (its first call)."""
+    m = rec.module
+    if type(m).forward in _PLAIN_FORWARDS or rec.checked:
+        return
+    rec.checked = True
+    lt = rec.layer_type
+    n_in, n_out = int(ain.numel()), int(aout.numel())
+    groups = getattr(m, 'groups', 1)
+    name = f'{rec.name} ({type(m).__name__})'
+    odim = 1 if dim == 1 else out.dim() - 1
+
+    def shrunk_output(keep_in: torch.Tensor, keep_out: torch.Tensor) -> Optional[torch.Tensor]:
+        small = copy.deepcopy(m)
+        depth, frames = tracer.leaf_depth, len(tracer.stack)
+        try:
+            lt.shrink(small, {'in': keep_in, 'out': keep_out})
+            return small(x.index_select(dim, keep_in.to(x.device)))
+        except Exception:       # a shape error: the module keeps state the stock shrink does not follow
+            del tracer.stack[frames:]          # the frames of modules the error left
+            tracer.leaf_depth = depth
+            return None
+
+    def same(a: Optional[torch.Tensor], b: torch.Tensor) -> bool:
+        if a is None or a.shape != b.shape:
+            return False
+        scale = float(b.abs().max()) if b.numel() else 0.0
+        return bool(((a - b).abs() <= 1e-4 * max(scale, 1e-6)).all())
+
+    # input side: the first quarter of the input channels (whole groups for a group conv) removed
+    drop_groups = max(1, groups // 4) if groups > 1 else 0
+    if groups > 1 and drop_groups < groups:
+        keep_in = _first_of_groups(n_in, groups, drop_groups)
+        keep_out = _first_of_groups(n_out, groups, drop_groups)
+    elif groups == 1 and n_in > 1:
+        keep_in, keep_out = torch.arange(max(1, n_in // 4), n_in), torch.arange(n_out)
+    else:
+        keep_in = None
+    if keep_in is not None:
+        xm = x.clone()
+        gone = torch.ones(n_in, dtype=torch.bool)
+        gone[keep_in] = False
+        xm.index_fill_(dim % x.dim(), gone.nonzero().flatten().to(x.device), 0.0)
+        ref = m(xm).index_select(odim, keep_out.to(out.device))
+        if not same(shrunk_output(keep_in, keep_out), ref):
+            tracer.sets.taint(ain, f'{name}: its forward gives other outputs once input channels are removed '
+                                   f'than with them zeroed (weight standardisation over inputs?); left unpruned')
+            if groups > 1:
+                tracer.sets.taint(aout, f'{name}: group conv whose forward does not prune like a plain one')
+    # output side: the first quarter of the outputs removed, all inputs kept
+    if groups == 1 and n_out > 1:
+        keep_out = torch.arange(max(1, n_out // 4), n_out)
+        ref = out.index_select(odim, keep_out.to(out.device))
+        if not same(shrunk_output(torch.arange(n_in), keep_out), ref):
+            tracer.sets.taint(aout, f'{name}: its forward gives other outputs once output channels are '
+                                    f'removed; left unpruned')
+
+
 def _batch_of(tracer: 'ChannelTracer', x: torch.Tensor) -> None:
     if tracer.batch_size is None:
         tracer.batch_size = int(x.shape[0]) if x.dim() > 1 else 1
@@ -163,6 +247,7 @@ class Conv(LayerType):
         if first and m.groups > 1:
             # prune whole groups: group j's input and output channels go together
             tracer.sets.union_rows(torch.cat([ain.view(m.groups, -1), aout.view(m.groups, -1)], 1))
+        check_own_forward(tracer, rec, x, out, ain, aout, 1)
         rec.calls.append(Call(out.numel() // out.shape[1], tuple(x.shape), tuple(out.shape)))
         tracer.set_label(out, Label(1, aout))
 
@@ -219,8 +304,9 @@ class Linear(LayerType):
     def trace(self, tracer, rec, args, out):
         m, x = rec.module, args[0]
         _batch_of(tracer, x)
-        tracer.input_atoms(rec, 'in', x, -1, m.in_features)
+        ain = tracer.input_atoms(rec, 'in', x, -1, m.in_features)
         aout = tracer.atoms_of(rec, 'out', m.out_features)
+        check_own_forward(tracer, rec, x, out, ain, aout, -1)
         rec.calls.append(Call(out.numel() // out.shape[-1], tuple(x.shape), tuple(out.shape)))
         tracer.set_label(out, Label(out.dim() - 1, aout))
 

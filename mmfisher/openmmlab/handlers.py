@@ -4,7 +4,9 @@ mmdet's RoI extractors pool every FPN level with a compiled op (mmcv RoIAlign)
 into a tensor they allocate with ``self.out_channels`` channels. Its layer type
 tells the analysis that the extractor passes channels through (all levels share
 the output's channels, so they are coupled) and updates ``out_channels`` when the
-model is shrunk. Registered when :mod:`mmfisher.openmmlab` is imported.
+model is shrunk. mmcv's conv / linear wrappers are declared plain (their forward is
+torch's), so the trace does not check them as it checks other subclasses with their
+own forward. Registered when :mod:`mmfisher.openmmlab` is imported.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any, Dict
 import torch
 
 from ..core.atoms import Label, flat_tensors
-from ..core.layers import Call, LayerType, ModuleRecord, register_layer_type
+from ..core.layers import Call, LayerType, ModuleRecord, register_layer_type, register_plain_forward
 from ..core.trace import ChannelTracer
 
 
@@ -46,6 +48,15 @@ class RoIExtractorType(LayerType):
 
 
 def register_openmmlab_handlers() -> None:
+    try:
+        from mmcv.cnn.bricks import wrappers
+    except ImportError:
+        wrappers = None
+    if wrappers is not None:
+        # these only add an empty-batch path for old torch: on this torch they are the stock layers
+        for name in ('Conv2d', 'Conv3d', 'ConvTranspose2d', 'ConvTranspose3d', 'Linear'):
+            if hasattr(wrappers, name):
+                register_plain_forward(getattr(wrappers, name))
     try:
         from mmdet.models.roi_heads.roi_extractors import BaseRoIExtractor
     except ImportError:  # mmdet not installed: nothing to register
