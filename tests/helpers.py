@@ -29,16 +29,19 @@ def random_keep(graph, fraction: float = 0.5, seed: int = 0) -> torch.Tensor:
 
 
 def masked_and_shrunk(model, graph, keep, run):
-    """Outputs of ``run(model)`` with masks installed and ``run(compact)``; returns (ref, out, compact)."""
+    """Outputs of ``run(model)`` with masks installed and ``run(compact)``; returns (ref, out, compact).
+    The compact run replays the masked run's top-k / sort / NMS choices (RPN proposals whose scores
+    tie to 1e-7 would otherwise make the outputs incomparable): see mmfisher.openmmlab.decisions."""
+    from mmfisher.openmmlab.decisions import SameDecisions
     model.eval()
     masks = ConsumerInputs(model, graph)
     masks.set_keep(keep)
     masks.attach()
-    with torch.no_grad():
+    with torch.no_grad(), SameDecisions() as decisions:
         ref = flat_tensors(run(model), [], -8)
     masks.detach()
     compact = shrink(copy.deepcopy(model), graph, keep)
-    with torch.no_grad():
+    with torch.no_grad(), SameDecisions(decisions):
         out = flat_tensors(run(compact), [], -8)
     return ref, out, compact
 

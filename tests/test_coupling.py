@@ -358,3 +358,31 @@ def test_a_conv_with_its_own_forward_is_pruned_only_where_it_prunes_like_a_plain
             assert any(cls.__name__ in r and 'left unpruned' in r for r in grp.reasons), grp.reasons
     ref, out, _ = masked_and_shrunk(model, graph, random_keep(graph, 0.5), lambda m: m(x))
     assert max_rel_err(ref, out) < 1e-5
+
+
+class TwoModes(nn.Module):
+    """A branch only training runs (an auxiliary head, PointRend's point head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.head = nn.Conv2d(8, 2, 1)
+        self.aux = nn.Conv2d(8, 4, 1)
+        self.unused = nn.Linear(8, 8)
+
+    def forward(self, x, loss=False):
+        y = torch.relu(self.a(x))
+        return (self.head(y), self.aux(y)) if loss else self.head(y)
+
+
+def test_a_branch_only_the_loss_runs_is_traced_and_a_layer_nothing_runs_is_reported():
+    model, x = TwoModes(), torch.randn(1, 3, 8, 8)
+    alone = analyse(model, x, strict=True)
+    assert alone.unseen == ['aux', 'unused'] and alone.summary()['unseen_layers'] == 2
+    both = analyse(model, forward=lambda: model(x), also=[lambda: model(torch.randn(2, 3, 8, 8), loss=True)],
+                   strict=True)
+    assert both.unseen == ['unused']
+    assert sorted(both.group('a').consumers) == ['aux', 'head']
+    # costs follow the first forward: 'a' keeps its one call, 'aux' has the call only the loss made
+    assert len(both.records['a'].calls) == 1 and len(both.records['aux'].calls) == 1
+    assert 'unused' in both.report()

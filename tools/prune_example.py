@@ -40,10 +40,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from mmfisher.core import analyse
+
     from mmfisher.core.pruner import GroupFisherPruner
     from mmfisher.core.atoms import flat_tensors
-    from mmfisher.openmmlab import build_from_config, example_forward
+    from mmfisher.openmmlab import analyse_model, build_from_config
     from mmfisher.openmmlab.analysis import example_samples, tensor_forward
     from mmfisher.openmmlab.synthetic import loss_of, random_batch
 
@@ -59,7 +59,7 @@ def main(argv=None):
     model = build_from_config(config)
     n_params = sum(p.numel() for p in model.parameters())
     shape = (1, 3) + tuple(args.shape)
-    graph = analyse(model, forward=example_forward(model, shape))
+    graph = analyse_model(model, shape)
     s = graph.summary()
     print(f'[analyse] {os.path.basename(config)}: {s["prunable_groups"]}/{s["groups"]} groups prunable, '
           f'{s["prunable_channels"]} prunable channels, {s["seconds"]:.2f} s')

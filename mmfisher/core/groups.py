@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -72,6 +72,8 @@ class CouplingGraph:
             rec = tracer.records[i]
             self.records[rec.name] = rec
         self.ops_seen = dict(tracer.ops_seen)
+        # layers no traced forward ran (another mode's branch): reported, and never shrunk
+        self.unseen: List[str] = tracer.unseen()
         self.groups: List[ChannelGroup] = []
         self.arrays: Dict[Tuple[str, str], LayerArray] = {}
         self._build(tracer)
@@ -223,6 +225,7 @@ class CouplingGraph:
             'prunable_channels': int(self.prunable.sum()),
             'layers': len(layers),
             'prunable_layers': sum(1 for n in layers if n in pr),
+            'unseen_layers': len(self.unseen),
             'seconds': self.seconds,
         }
 
@@ -238,6 +241,9 @@ class CouplingGraph:
                 lines.append(f'    consumers: {", ".join(g.consumers)}')
             if g.norms:
                 lines.append(f'    per-channel: {", ".join(g.norms)}')
+        if self.unseen:
+            lines.append(f'layers no traced forward ran (never shrunk; if another mode runs them, give the '
+                         f'analysis that forward too): {", ".join(self.unseen)}')
         for name, source in self.row_level.items():
             if source is not None:
                 lines.append(f'rows of {name} are RoIs of {source}: their Fisher is summed per image')
@@ -253,7 +259,8 @@ class CouplingGraph:
 
 
 def analyse(model: nn.Module, inputs: Union[Any, Callable[[], Any]] = None, *,
-            forward: Optional[Callable[[], Any]] = None, strict: bool = False) -> CouplingGraph:
+            forward: Optional[Callable[[], Any]] = None, also: Sequence[Callable[[], Any]] = (),
+            strict: bool = False) -> CouplingGraph:
     """Find the coupled channel groups of ``model``.
 
     Args:
@@ -263,6 +270,10 @@ def analyse(model: nn.Module, inputs: Union[Any, Callable[[], Any]] = None, *,
         inputs: example input(s) for ``model(*inputs)`` (a tensor or a tuple).
         forward: instead of ``inputs``, a callable that runs the model (e.g.
             ``lambda: det._forward(batch)`` for an mmdet detector).
+        also: further forwards to trace (the model's other modes: a detector's loss, which runs
+            branches its tensor forward does not): what they couple or taint counts, what they
+            cost does not (costs follow ``inputs`` / ``forward``). Layers no forward ran are listed in
+            ``graph.unseen``.
         strict: raise :class:`mmfisher.core.trace.AnalysisRuleError` when one of the analysis's own op
             rules fails, instead of leaving the channels it saw unpruned (for tests and the zoo check:
             a bug in a rule must not look like an unsupported model).
@@ -277,7 +288,7 @@ def analyse(model: nn.Module, inputs: Union[Any, Callable[[], Any]] = None, *,
     training = {m: m.training for m in model.modules()}
     model.eval()
     try:
-        tracer.run(forward)
+        tracer.run(forward, also)
     finally:
         for m, flag in training.items():
             m.training = flag

@@ -20,7 +20,7 @@ of every recorded module (:mod:`mmfisher.core.atoms`) with their unions and tain
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -137,8 +137,21 @@ class ChannelTracer:
         return atoms
 
     # ---- the whole run ------------------------------------------------------- #
-    def run(self, forward: Callable[[], Any]) -> Any:
-        """Run ``forward()`` under no_grad with every watch on; the model's outputs are tainted."""
+    def run(self, forward: Callable[[], Any], also: Sequence[Callable[[], Any]] = ()) -> Any:
+        """Run ``forward()`` under no_grad with every watch on; the model's outputs are tainted.
+
+        ``also``: further forwards (another mode of the model: its loss, its predict) traced for what
+        they couple and taint only; the layer calls they make are not counted (costs follow
+        ``forward``), except for layers only they run. Returns ``forward()``'s output."""
+        output = self._run_one(forward)
+        counted = {i: len(rec.calls) for i, rec in self.records.items()}
+        for extra in also:
+            self._run_one(extra)
+        for i, n in counted.items():
+            del self.records[i].calls[n:]
+        return output
+
+    def _run_one(self, forward: Callable[[], Any]) -> Any:
         hooks = ModuleHooks(self)
         functions = FunctionWatch(self, hooks)
         with AutogradFunctionWatch(self), hooks, torch.no_grad(), functions:
@@ -146,6 +159,17 @@ class ChannelTracer:
         for t in flat_tensors(output, [], -8):
             self.taint(self.label(t), 'model output')
         return output
+
+    def unseen(self) -> List[str]:
+        """Channel-indexed modules with parameters that no traced forward ran: nothing is known of the
+        channels they read, and they are never shrunk."""
+        out = []
+        for name, m in self.model.named_modules():
+            lt = layer_type_for(m)
+            if (lt is not None and lt.records and id(m) not in self.records and self.names.get(id(m)) == name
+                    and any(True for _ in m.parameters(recurse=False))):
+                out.append(name)
+        return out
 
 
 class ModuleHooks:

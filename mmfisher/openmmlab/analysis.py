@@ -4,7 +4,8 @@
 pretrained download: ``init_cfg`` checkpoints are not loaded here);
 ``example_forward(model, shape)`` returns the callable the tracer runs: the
 detector's ``_forward`` ('tensor' mode, with minimal data samples so two-stage
-detectors run their RoI head) or the classifier's ``forward(mode='tensor')``.
+detectors run their RoI head) or the classifier's ``forward(mode='tensor')``;
+``analyse_model(model, shape)`` traces it and the model's loss on a generated batch.
 """
 from __future__ import annotations
 
@@ -72,18 +73,17 @@ def _drop_pretrained(cfg: Any) -> None:
 
 
 def example_samples(model: nn.Module, shape: Sequence[int]) -> Optional[list]:
-    """Minimal data samples a detector's ``_forward`` needs for a ``shape`` batch (None for classifiers)."""
+    """Data samples a detector's ``_forward`` needs for a ``shape`` batch (None for classifiers): the
+    image meta and generated ground truth (seed 0), which the tensor forward of a few detectors
+    reads (CondInst's mask head picks its positives with it); the others ignore it."""
     try:
         from mmdet.models.detectors import BaseDetector
     except ImportError:  # pragma: no cover
         return None
     if not isinstance(model, BaseDetector):
         return None
-    from mmdet.structures import DetDataSample
-    h, w = int(shape[-2]), int(shape[-1])
-    return [DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
-                                        batch_input_shape=(h, w), scale_factor=(1.0, 1.0)))
-            for _ in range(shape[0])]
+    from .synthetic import random_batch
+    return random_batch(model, int(shape[0]), (int(shape[-2]), int(shape[-1])))[1]
 
 
 def tensor_forward(model: nn.Module, x: torch.Tensor, samples: Optional[list]) -> Any:
@@ -105,8 +105,42 @@ def example_forward(model: nn.Module, shape: Sequence[int] = (1, 3, 320, 320)) -
     return lambda: tensor_forward(model, x, samples)
 
 
-def analyse_model(model: nn.Module, shape: Sequence[int] = (1, 3, 320, 320), strict: bool = False) -> CouplingGraph:
-    """Coupled groups of an OpenMMLab model, recorded on a random input of ``shape`` (``strict``: see
-    :func:`mmfisher.core.analyse`)."""
+def example_loss(model: nn.Module, shape: Sequence[int] = (1, 3, 320, 320)) -> Callable[[], Any]:
+    """The model's loss on a generated batch of ``shape`` (random boxes, masks or labels; seed 0).
+
+    Traced besides :func:`example_forward` because training runs branches the tensor forward does
+    not (PointRend's point head, HTC's later mask stages, a head's auxiliary branch). It draws from
+    the global random stream (samplers, point sampling): the caller restores it, and the model's
+    buffers, afterwards (:func:`analyse_model`)."""
+    from .synthetic import loss_of, random_batch
+    inputs, samples = random_batch(model, int(shape[0]), (int(shape[-2]), int(shape[-1])))
+    inputs = inputs.to(next(model.parameters()).device)
+    return lambda: loss_of(model, inputs, samples)
+
+
+def analyse_model(model: nn.Module, shape: Sequence[int] = (1, 3, 320, 320), strict: bool = False,
+                  with_loss: bool = True) -> CouplingGraph:
+    """Coupled groups of an OpenMMLab model, recorded on a random input of ``shape``: its tensor
+    forward (what the costs count) and, with ``with_loss``, its loss on a generated batch (what
+    training runs besides; see :func:`example_loss`). ``strict``: see :func:`mmfisher.core.analyse`.
+
+    The global random state and the model's parameters and buffers are as they were afterwards."""
+    import random
+
+    import numpy as np
     register_all_modules()
-    return analyse(model, forward=example_forward(model, shape), strict=strict)
+    also = []
+    if with_loss and hasattr(model, 'loss'):
+        also.append(example_loss(model, shape))
+    state = {k: v.detach().clone() for k, v in model.state_dict(keep_vars=True).items()}
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            return analyse(model, forward=example_forward(model, shape), also=also, strict=strict)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        with torch.no_grad():
+            for k, v in model.state_dict(keep_vars=True).items():
+                if k in state and v.shape == state[k].shape:
+                    v.copy_(state[k])

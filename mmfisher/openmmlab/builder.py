@@ -29,9 +29,9 @@ from typing import Any, Optional, Sequence, Tuple, Union
 import torch
 from mmengine.registry import MODELS
 
-from ..core import SpecError, SpecFormatError, analyse, shrink, spec_to_keep, validate_spec, weights_digest
+from ..core import SpecError, SpecFormatError, shrink, spec_to_keep, validate_spec, weights_digest
 from ..core.spec import first_weight_mismatch
-from .analysis import _drop_pretrained, example_forward
+from .analysis import _drop_pretrained, analyse_model
 
 
 class CheckpointMismatchError(ValueError):
@@ -128,7 +128,7 @@ def build_pruned_model(architecture: dict, channel_spec: Union[str, dict],
     _drop_pretrained(cfg)
     model = MODELS.build(cfg)
     shape = input_shape or saved_shape or (320, 320)
-    graph = analyse(model, forward=example_forward(model, (1, 3, int(shape[0]), int(shape[-1]))))
+    graph = analyse_model(model, (1, 3, int(shape[0]), int(shape[-1])))
     try:
         keep = spec_to_keep(graph, spec)
     except SpecError as e:

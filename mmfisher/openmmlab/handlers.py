@@ -30,6 +30,13 @@ class RoIExtractorType(LayerType):
         atoms = tracer.atoms_of(rec, 'feat', n)
         for f in feats:
             tracer.input_atoms(rec, 'feat', f, 1, n)
+        inner = [name for name, p in rec.module.named_parameters()]
+        if inner:
+            # GRoIE's pre / post modules: layers inside the extractor, which this type does not trace
+            tracer.sets.taint(atoms, f'{rec.name} ({type(rec.module).__name__}): RoI extractor with layers of its '
+                                     f'own ({inner[0].rsplit(".", 1)[0]}): not traced, its input channels are '
+                                     f'left unpruned')
+            return
         out = output if isinstance(output, torch.Tensor) else None
         if out is not None and out.dim() >= 2 and out.shape[1] == n:
             rec.calls.append(Call(out.numel() // out.shape[1], tuple(out.shape), tuple(out.shape)))

@@ -17,11 +17,11 @@ from mmengine.hooks import Hook
 from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
-from ..core import analyse, weights_digest
+from ..core import weights_digest
 from ..core.cost import RESOURCES
 from ..core.criteria import build_criterion
 from ..core.pruner import NORMALIZATIONS, GroupFisherPruner
-from .analysis import example_forward
+from .analysis import analyse_model, example_forward
 from .checkpoint import make_plain_in_place, restore_in_place
 
 STATE_KEY = 'mmfisher'
@@ -233,7 +233,7 @@ class FisherPruningHook(Hook):
             loop.dataloader = _StoppableLoader(loop.dataloader)
         t0 = time.perf_counter()
         hw = self._analysis_shape(runner)
-        graph = analyse(model, forward=example_forward(model, (1, 3) + tuple(hw)))
+        graph = analyse_model(model, (1, 3) + tuple(hw))
         self.analysis_shape = tuple(hw)
         latency = None
         if self.normalization == 'latency' or self.target[0] == 'latency':
@@ -253,6 +253,10 @@ class FisherPruningHook(Hook):
         for g in graph.groups:
             if not g.prunable and g.reasons != ['model output']:
                 runner.logger.info(f'[mmfisher] not pruned: {g.name} ({g.reasons[0]})')
+        if graph.unseen:
+            runner.logger.warning(f'[mmfisher] {len(graph.unseen)} layer(s) ran in neither the tensor forward nor '
+                                  f'the loss of the analysis and are never shrunk: {", ".join(graph.unseen[:8])}'
+                                  f'{" ..." if len(graph.unseen) > 8 else ""}')
         if self._resume_state is not None:
             self.pruner.load_state_dict(self._resume_state['pruner'])
             self.saved = dict(self._resume_state.get('saved', {}))

@@ -32,8 +32,8 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from mmfisher.core import analyse
-    from mmfisher.openmmlab import build_from_config, example_forward
+
+    from mmfisher.openmmlab import analyse_model, build_from_config
     from mmfisher.openmmlab.tools_common import analysis_shape, analysis_tool_config
 
     cfg = analysis_tool_config(args.config, args.cfg_options)
@@ -41,7 +41,7 @@ def main(argv=None):
     model = build_from_config(cfg)
     t_build = time.perf_counter() - t0
     hw = analysis_shape(cfg, args.shape)
-    graph = analyse(model, forward=example_forward(model, (args.batch, 3) + tuple(hw[:2])))
+    graph = analyse_model(model, (args.batch, 3) + tuple(hw[:2]))
     print(graph.report())
     print(f'(model built in {t_build:.2f} s; input {args.batch}x3x{hw[0]}x{hw[1]})')
     if args.json:

@@ -39,10 +39,10 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from mmfisher.core import analyse, make_spec
+    from mmfisher.core import make_spec
     from mmfisher.core.cost import CostModel
     from mmfisher.core.uniform import uniform_keep, uniform_keep_for
-    from mmfisher.openmmlab import build_from_config, example_forward
+    from mmfisher.openmmlab import analyse_model, build_from_config
     from mmfisher.openmmlab.tools_common import analysis_shape, analysis_tool_config
 
     if os.path.exists(args.out):
@@ -50,7 +50,7 @@ def main(argv=None):
     cfg = analysis_tool_config(args.config, args.cfg_options)
     model = build_from_config(cfg)
     hw = analysis_shape(cfg, args.shape)
-    graph = analyse(model, forward=example_forward(model, (1, 3) + tuple(hw[:2])))
+    graph = analyse_model(model, (1, 3) + tuple(hw[:2]))
     cost = CostModel(model, graph)
     if args.width is not None:
         width, keep = args.width, uniform_keep(graph, args.width)
