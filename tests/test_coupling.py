@@ -386,3 +386,24 @@ def test_a_branch_only_the_loss_runs_is_traced_and_a_layer_nothing_runs_is_repor
     # costs follow the first forward: 'a' keeps its one call, 'aux' has the call only the loss made
     assert len(both.records['a'].calls) == 1 and len(both.records['aux'].calls) == 1
     assert 'unused' in both.report()
+
+
+class SwitchConv(nn.Conv2d):
+    """A conv with a layer of its own inside (mmcv's SAConv2d: a switch conv picks between two dilations)."""
+
+    def __init__(self, *a, **k):
+        super().__init__(*a, **k)
+        self.switch = nn.Conv2d(self.in_channels, 1, 1)
+
+    def forward(self, x):
+        s = torch.sigmoid(self.switch(x))
+        return s * super().forward(x) + (1 - s) * F.conv2d(x, self.weight, self.bias, 1, 2, 2)
+
+
+def test_a_conv_subclass_with_layers_inside_is_left_unpruned_on_both_sides():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), SwitchConv(8, 12, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(12, 4, 1))
+    graph = analyse(model, torch.randn(1, 3, 10, 10), strict=True)
+    for name in ('0', '2'):
+        grp = graph.group(name)
+        assert not grp.prunable and any('SwitchConv' in r and 'layers of its own inside' in r for r in grp.reasons)

@@ -171,10 +171,20 @@ def check_own_forward(tracer: 'ChannelTracer', rec: ModuleRecord, x: torch.Tenso
     if type(m).forward in _PLAIN_FORWARDS or rec.checked:
         return
     rec.checked = True
+    name = f'{rec.name} ({type(m).__name__})'
+    # layers of its own inside (SAC's switch and context convs) or a compiled op in its forward: nothing
+    # inside is traced, and a shrunk copy could crash the kernel, so it is not run; left unpruned
+    compiled = tracer.compiled_calls
+    if not any(True for _ in m.children()):
+        m(x)
+    if any(True for _ in m.children()) or tracer.compiled_calls != compiled:
+        why = 'layers of its own inside' if any(True for _ in m.children()) else 'a compiled op inside'
+        tracer.sets.taint(torch.cat([ain, aout]), f'{name}: a {type(m).__bases__[0].__name__} subclass with {why}, '
+                                                   f'not traced; left unpruned')
+        return
     lt = rec.layer_type
     n_in, n_out = int(ain.numel()), int(aout.numel())
     groups = getattr(m, 'groups', 1)
-    name = f'{rec.name} ({type(m).__name__})'
     odim = 1 if dim == 1 else out.dim() - 1
 
     def shrunk_output(keep_in: torch.Tensor, keep_out: torch.Tensor) -> Optional[torch.Tensor]:

@@ -59,6 +59,7 @@ class ChannelTracer:
         self.leaf_depth = 0                      # leaves on the stack
         self.ops_seen: Dict[str, int] = {}
         self.batch_size: Optional[int] = None    # leading dim of the first layer input
+        self.compiled_calls = 0                  # custom autograd Functions run so far, inside leaves too
 
     # ---- labels ---------------------------------------------------------- #
     def label(self, t: Any) -> Optional[Label]:
@@ -320,6 +321,7 @@ class AutogradFunctionWatch:
 
     def on_call(self, cls: type, args: tuple, out: Any) -> None:
         tr = self.tr
+        tr.compiled_calls += 1
         if tr.inside_leaf():
             return
         for t in flat_tensors(args, []):

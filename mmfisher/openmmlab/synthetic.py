@@ -48,12 +48,28 @@ def random_batch(model: nn.Module, batch: int = 2, shape: Sequence[int] = (320, 
             s = DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
                                             batch_input_shape=(h, w), scale_factor=(1.0, 1.0)))
             s.gt_instances = InstanceData(bboxes=boxes, labels=torch.randint(0, n_cls, (k,), generator=g))
-            if getattr(model, 'with_mask', False) or getattr(getattr(model, 'roi_head', None), 'with_mask', False):
+            roi_head = getattr(model, 'roi_head', None)
+            semantic = (hasattr(model, 'semantic_head') or getattr(roi_head, 'with_semantic', False)
+                        or hasattr(model, 'panoptic_head'))      # PanopticFPN, HTC's semantic branch, MaskFormer
+            if getattr(model, 'with_mask', False) or getattr(roi_head, 'with_mask', False) or semantic:
                 from mmdet.structures.mask import BitmapMasks
                 masks = np.zeros((k, h, w), dtype=np.uint8)
                 for i, (x0, y0, x1, y1) in enumerate(boxes.round().long().tolist()):
                     masks[i, y0:y1 + 1, x0:x1 + 1] = 1       # the box, filled
                 s.gt_instances.masks = BitmapMasks(masks, h, w)
+            if semantic:
+                from mmengine.structures import PixelData
+                seg = torch.zeros(1, h, w, dtype=torch.long)
+                for (x0, y0, x1, y1), c in zip(boxes.round().long().tolist(), s.gt_instances.labels.tolist()):
+                    seg[0, y0:y1 + 1, x0:x1 + 1] = c
+                s.gt_sem_seg = PixelData(sem_seg=seg)
+            if roi_head is not None and getattr(model, 'with_rpn', True) is False:
+                # Fast R-CNN: proposals come with the data; the boxes plus random ones
+                n = 32
+                xy = torch.rand(n, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
+                wh = (torch.rand(n, 2, generator=g) * 0.5 + 0.1) * torch.tensor([w, h])
+                rand = torch.cat([xy, torch.minimum(xy + wh, torch.tensor([w - 1.0, h - 1.0]))], 1)
+                s.proposals = InstanceData(bboxes=torch.cat([boxes, rand]), scores=torch.rand(n + k, generator=g))
             samples.append(s)
     else:
         from mmpretrain.structures import DataSample

@@ -88,7 +88,13 @@ class Harness(Exception):
     """The check could not run the model (not mmfisher's fault)."""
 
 
+_STEP_FILE = None     # the worker notes each step here, so a crash of the process is put on the right side
+
+
 def _step(name, fn, harness=False):
+    if _STEP_FILE:
+        with open(_STEP_FILE, 'w') as f:
+            json.dump({'step': name, 'harness': harness}, f)
     try:
         return fn()
     except Harness:
@@ -151,6 +157,8 @@ def check(config, shape, fraction):
     classifier = default_scope_of(cfg) == 'mmpretrain'
     hw = (224, 224) if classifier else (shape, shape)
     torch.manual_seed(0)
+    if cfg.get('model', {}).get('teacher_ckpt'):
+        cfg.model.teacher_ckpt = None        # knowledge distillation: a random-init teacher, nothing downloaded
     model = _step('build', lambda: build_from_config(cfg), harness=True)
     randomise_norms(model)
     model.eval()
@@ -161,7 +169,7 @@ def check(config, shape, fraction):
     def train_and_predict(m, what, harness):
         def run():
             m.train()
-            loss = loss_of(m, *batch)
+            loss = loss_of(m, batch[0], copy.deepcopy(batch[1]))   # the loss edits proposals in place
             loss.backward()
             if not torch.isfinite(loss):
                 raise FloatingPointError(f'loss {float(loss)}')
@@ -226,6 +234,8 @@ def check(config, shape, fraction):
 
 
 def worker(config, out, shape, fraction):
+    global _STEP_FILE
+    _STEP_FILE = out + '.step'
     from mmfisher.openmmlab import register_all_modules
     register_all_modules()
     t0 = time.perf_counter()
@@ -255,21 +265,30 @@ def run_family(package, family, configs, args):
 def run_one(package, family, config, args):
     with tempfile.TemporaryDirectory() as tmp:
         out = osp.join(tmp, 'row.json')
-        cmd = [sys.executable, osp.abspath(__file__), '--worker', config, '--worker-out', out,
+        cmd = [sys.executable, osp.abspath(__file__), '--worker', osp.abspath(config), '--worker-out', out,
                '--shape', str(args.shape), '--fraction', str(args.fraction)]
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
         t0 = time.perf_counter()
         try:
-            res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env)
+            # from the package's own tree: configs name others relative to it (LD's teacher config)
+            cwd = osp.dirname(osp.dirname(config)) if osp.basename(osp.dirname(osp.dirname(config))) == 'configs' \
+                else None
+            res = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, env=env,
+                                 cwd=osp.dirname(cwd) if cwd else None)
         except subprocess.TimeoutExpired:
             return {'package': package, 'family': family, 'config': config, 'status': 'timeout',
                     'error': f'over {args.timeout:.0f} s', 'seconds': time.perf_counter() - t0}
         if osp.isfile(out):
             with open(out) as f:
                 row = json.load(f)
-        else:   # the process died (a crash in a compiled op, a segfault): say so with its last words
-            row = {'status': 'fail' if res.returncode < 0 else 'harness',
-                   'error': f'worker exited with {res.returncode}: {res.stderr.strip().splitlines()[-1:]}'}
+        else:   # the process died (a crash in a compiled op, a segfault): say so, and in which step
+            step = {'step': 'start', 'harness': True}
+            if osp.isfile(out + '.step'):
+                with open(out + '.step') as f:
+                    step = json.load(f)
+            row = {'status': 'harness' if step['harness'] else 'fail',
+                   'error': f'{step["step"]}: worker exited with {res.returncode} '
+                            f'({res.stderr.strip().splitlines()[-1:]})'}
     row.update(package=package, family=family, config=config)
     return row
 
