@@ -5,8 +5,9 @@
 
 Builds the mmdet config with random init (nothing downloaded), then alternates a plain forward
 (the same ``example_forward`` callable the analysis runs, under ``no_grad`` in eval mode) with a
-full ``analyse`` (trace plus coupling graph), ``--repeats`` times each, and prints the medians and
-their ratio. ``--profile`` prints the analysis's top functions by own time (cProfile).
+full ``analyse`` of that forward (trace plus coupling graph) and with ``analyse_model`` (what the
+hook runs: the tensor forward and the loss on a generated batch, which traces training-only
+branches), ``--repeats`` times each, and prints the medians and their ratios. ``--profile`` prints the analysis's top functions by own time (cProfile).
 """
 import argparse
 import os.path as osp
@@ -31,7 +32,7 @@ def main(argv=None):
     args = parse_args(argv)
     import torch
     from mmfisher.core import analyse
-    from mmfisher.openmmlab import build_from_config, example_forward
+    from mmfisher.openmmlab import analyse_model, build_from_config, example_forward
     from mmfisher.openmmlab.tools_common import analysis_tool_config
 
     torch.manual_seed(0)
@@ -51,21 +52,27 @@ def main(argv=None):
     def analysis():
         analyse(model, forward=forward, strict=True)
 
+    def with_loss():
+        analyse_model(model, (1, 3) + tuple(args.shape), strict=True)
+
     plain()
     analysis()                                  # warm-up: lazy imports, allocator, mmcv op loading
-    times = {'forward': [], 'analyse': []}
+    with_loss()
+    times = {'forward': [], 'analyse': [], 'with_loss': []}
     for _ in range(args.repeats):
-        for name, fn in (('forward', plain), ('analyse', analysis)):
+        for name, fn in (('forward', plain), ('analyse', analysis), ('with_loss', with_loss)):
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
     fwd, ana = statistics.median(times['forward']), statistics.median(times['analyse'])
+    full = statistics.median(times['with_loss'])
     graph = analyse(model, forward=forward)
     s = graph.summary()
     print(f'{args.config} at {args.shape[0]}x{args.shape[1]}, batch 1, {torch.get_num_threads()} threads, '
           f'median of {args.repeats} interleaved runs')
     print(f'  plain forward {fwd:.3f} s, analysis {ana:.3f} s: {ana / fwd:.2f}x '
           f'({s["prunable_groups"]}/{s["groups"]} groups prunable)')
+    print(f'  analyse_model (tensor forward + loss on a generated batch of 1) {full:.3f} s: {full / fwd:.2f}x')
     if args.profile:
         import cProfile
         import pstats

@@ -407,3 +407,17 @@ def test_a_conv_subclass_with_layers_inside_is_left_unpruned_on_both_sides():
     for name in ('0', '2'):
         grp = graph.group(name)
         assert not grp.prunable and any('SwitchConv' in r and 'layers of its own inside' in r for r in grp.reasons)
+
+
+def test_analyse_model_traces_the_loss_and_leaves_weights_buffers_and_random_state_alone():
+    from mmfisher.openmmlab import analyse_model, build_from_config
+    model = build_from_config(config_path('mmdet', 'retinanet/retinanet_r50_fpn_1x_coco.py'))
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    graph = analyse_model(model, (1, 3, 128, 128), strict=True)
+    assert graph.skipped == [] and graph.unseen == []
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert model.training and all(m.training == model.training or not m.training for m in model.modules())
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)    # BN statistics the loss updated, too

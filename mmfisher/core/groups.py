@@ -74,6 +74,7 @@ class CouplingGraph:
         self.ops_seen = dict(tracer.ops_seen)
         # layers no traced forward ran (another mode's branch): reported, and never shrunk
         self.unseen: List[str] = tracer.unseen()
+        self.skipped: List[str] = list(tracer.skipped)     # extra forwards that failed, and why
         self.groups: List[ChannelGroup] = []
         self.arrays: Dict[Tuple[str, str], LayerArray] = {}
         self._build(tracer)
@@ -241,6 +242,8 @@ class CouplingGraph:
                 lines.append(f'    consumers: {", ".join(g.consumers)}')
             if g.norms:
                 lines.append(f'    per-channel: {", ".join(g.norms)}')
+        for err in self.skipped:
+            lines.append(f'a further forward of the analysis failed and was traced up to the error: {err}')
         if self.unseen:
             lines.append(f'layers no traced forward ran (never shrunk; if another mode runs them, give the '
                          f'analysis that forward too): {", ".join(self.unseen)}')

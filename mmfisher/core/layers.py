@@ -165,8 +165,9 @@ def check_own_forward(tracer: 'ChannelTracer', rec: ModuleRecord, x: torch.Tenso
     """For a conv / linear subclass whose forward is not the stock one (weight standardisation, adaptive
     padding, a custom kernel): check on this input that removing input channels (zeroing them, as the
     masks do, against dropping them from the weight, as the shrink does) and removing output channels
-    give the same result. A side that does not is tainted: the layer is then left unpruned on that side,
-    never mis-pruned. Runs once per module (its first call)."""
+    give the same result. A side that does not is tainted: the layer is then left unpruned on that side.
+    Runs once per module (its first call), on that call's input: a forward that prunes like the stock
+    layer on it but not on other inputs is not caught."""
     m = rec.module
     if type(m).forward in _PLAIN_FORWARDS or rec.checked:
         return

@@ -60,6 +60,7 @@ class ChannelTracer:
         self.ops_seen: Dict[str, int] = {}
         self.batch_size: Optional[int] = None    # leading dim of the first layer input
         self.compiled_calls = 0                  # custom autograd Functions run so far, inside leaves too
+        self.skipped: List[str] = []             # errors of the ``also`` forwards (traced up to the error)
 
     # ---- labels ---------------------------------------------------------- #
     def label(self, t: Any) -> Optional[Label]:
@@ -143,11 +144,17 @@ class ChannelTracer:
 
         ``also``: further forwards (another mode of the model: its loss, its predict) traced for what
         they couple and taint only; the layer calls they make are not counted (costs follow
-        ``forward``), except for layers only they run. Returns ``forward()``'s output."""
+        ``forward``), except for layers only they run. One that raises is traced up to the error (what
+        ran is still true of the model) and its error kept in :attr:`skipped`. Returns ``forward()``'s output."""
         output = self._run_one(forward)
         counted = {i: len(rec.calls) for i, rec in self.records.items()}
         for extra in also:
-            self._run_one(extra)
+            try:
+                self._run_one(extra)
+            except AnalysisRuleError:
+                raise
+            except Exception as e:  # noqa: BLE001  the model's other mode failed on the example: say so
+                self.skipped.append(f'{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}')
         for i, n in counted.items():
             del self.records[i].calls[n:]
         return output

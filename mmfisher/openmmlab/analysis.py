@@ -115,7 +115,16 @@ def example_loss(model: nn.Module, shape: Sequence[int] = (1, 3, 320, 320)) -> C
     from .synthetic import loss_of, random_batch
     inputs, samples = random_batch(model, int(shape[0]), (int(shape[-2]), int(shape[-1])))
     inputs = inputs.to(next(model.parameters()).device)
-    return lambda: loss_of(model, inputs, samples)
+
+    def loss():
+        # in training mode, as training runs it (DINO's heads only return their encoder outputs then);
+        # the analysis restores every module's flag afterwards
+        model.train()
+        try:
+            return loss_of(model, inputs, samples)
+        finally:
+            model.eval()
+    return loss
 
 
 def analyse_model(model: nn.Module, shape: Sequence[int] = (1, 3, 320, 320), strict: bool = False,
@@ -124,7 +133,9 @@ def analyse_model(model: nn.Module, shape: Sequence[int] = (1, 3, 320, 320), str
     forward (what the costs count) and, with ``with_loss``, its loss on a generated batch (what
     training runs besides; see :func:`example_loss`). ``strict``: see :func:`mmfisher.core.analyse`.
 
-    The global random state and the model's parameters and buffers are as they were afterwards."""
+    The global random state and the model's parameters and buffers (BN statistics the loss forward
+    updated) are as they were afterwards. A loss that fails on the generated batch is skipped and
+    named in ``graph.skipped``; the layers only it would have run are then in ``graph.unseen``."""
     import random
 
     import numpy as np

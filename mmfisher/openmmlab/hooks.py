@@ -253,6 +253,9 @@ class FisherPruningHook(Hook):
         for g in graph.groups:
             if not g.prunable and g.reasons != ['model output']:
                 runner.logger.info(f'[mmfisher] not pruned: {g.name} ({g.reasons[0]})')
+        for err in graph.skipped:
+            runner.logger.warning(f'[mmfisher] the analysis\'s loss on a generated batch failed ({err}); '
+                                  f'branches only training runs may be missing from the analysis')
         if graph.unseen:
             runner.logger.warning(f'[mmfisher] {len(graph.unseen)} layer(s) ran in neither the tensor forward nor '
                                   f'the loss of the analysis and are never shrunk: {", ".join(graph.unseen[:8])}'

@@ -154,12 +154,17 @@ def check(config, shape, fraction):
     t0 = time.perf_counter()
     row = {'config': config}
     cfg = _step('config', lambda: Config.fromfile(config), harness=True)
+    if 'model' not in cfg:
+        raise Harness('config: no model in it (a test-time augmentation or dataset config)')
     classifier = default_scope_of(cfg) == 'mmpretrain'
     hw = (224, 224) if classifier else (shape, shape)
     torch.manual_seed(0)
     if cfg.get('model', {}).get('teacher_ckpt'):
         cfg.model.teacher_ckpt = None        # knowledge distillation: a random-init teacher, nothing downloaded
     model = _step('build', lambda: build_from_config(cfg), harness=True)
+    if any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()):
+        from mmengine.model import revert_sync_batchnorm
+        model = revert_sync_batchnorm(model)     # one CPU process: no process group for SyncBN's train step
     randomise_norms(model)
     model.eval()
     x = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(0))
@@ -189,7 +194,10 @@ def check(config, shape, fraction):
     s = graph.summary()
     row.update(groups=s['groups'], prunable_groups=s['prunable_groups'], layers=s['layers'],
                prunable_layers=s['prunable_layers'], parts=_parts(graph),
-               reasons=sorted({g.reasons[0] for g in graph.groups if not g.prunable and g.reasons != ['model output']}))
+               reasons=sorted({g.reasons[0] for g in graph.groups if not g.prunable and g.reasons != ['model output']}),
+               unseen=graph.unseen, loss_traced=not graph.skipped)
+    if graph.skipped:
+        row['loss_error'] = graph.skipped[0]
     if not s['prunable_groups']:
         row.update(status='nothing prunable', seconds=time.perf_counter() - t0)
         return row
