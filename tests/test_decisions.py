@@ -43,3 +43,13 @@ def test_a_run_that_takes_other_decisions_is_an_error():
     with pytest.raises(DecisionMismatch, match='argmax in the compact model, topk in the masked one'):
         with SameDecisions(rec):
             x.argmax()
+
+
+def test_a_decision_over_a_feature_map_of_another_width_is_not_replayed():
+    """CornerNet's corner pooling: cummax over a feature map whose channels the compact model lost."""
+    wide, narrow = torch.randn(1, 8, 5, 5), torch.randn(1, 6, 5, 5)
+    with SameDecisions() as rec:
+        wide.cummax(2)
+    with SameDecisions(rec):
+        values, idx = narrow.cummax(2)
+    assert torch.equal(values, narrow.cummax(2).values) and idx.shape == narrow.shape

@@ -70,13 +70,17 @@ class SameDecisions:
         orig = NMSop.__dict__['forward']
 
         def forward(*args, **kwargs):
-            return self.decided('nms', orig.__func__(*args, **kwargs), None)
+            boxes = next((a for a in args if isinstance(a, torch.Tensor)), None)
+            return self.decided('nms', orig.__func__(*args, **kwargs), None if boxes is None else boxes.shape)
         NMSop.forward = staticmethod(forward)
         return NMSop, orig
 
-    def decided(self, name, out, replay):
+    def decided(self, name, out, in_shape):
+        """Record ``out`` (first run) or return the recorded one (second run). A decision over an input of
+        another shape (a feature map whose channels the compact model lost: CornerNet's corner pooling
+        runs cummax over it) is not a choice between the same elements: the second run keeps its own."""
         if self.record is None:
-            self.log.append((name, tuple(out.shape) if isinstance(out, torch.Tensor) else None,
+            self.log.append((name, tuple(in_shape) if in_shape is not None else None,
                              out.detach().clone() if isinstance(out, torch.Tensor) else out))
             return out
         if self.at >= len(self.log):
@@ -85,7 +89,9 @@ class SameDecisions:
         self.at += 1
         if was != name:
             raise DecisionMismatch(f'decision {self.at}: {name} in the compact model, {was} in the masked one')
-        return value if replay is None else replay(value)
+        if shape != (tuple(in_shape) if in_shape is not None else None):
+            return out
+        return value
 
     @staticmethod
     def _from_mmfisher():
@@ -100,12 +106,14 @@ class SameDecisions:
             return out
         if name in self.INDEXED and isinstance(out, tuple) and len(out) == 2 and not out[1].is_floating_point():
             if self.record is None:
-                self.decided(name, out[1], None)
+                self.decided(name, out[1], args[0].shape)
                 return out
             dim = kwargs.get('dim', args[2] if name in ('topk', 'kthvalue') and len(args) > 2 else
                              args[1] if name not in ('topk', 'kthvalue') and len(args) > 1 and
                              isinstance(args[1], int) else -1)
-            idx = self.decided(name, out[1], None)
+            idx = self.decided(name, out[1], args[0].shape)
+            if idx is out[1]:
+                return out
             src = args[0]
             take = idx if idx.dim() == src.dim() else idx.unsqueeze(dim)
             values = torch.take_along_dim(src, take, dim)
@@ -113,7 +121,7 @@ class SameDecisions:
                 values = values.squeeze(dim)
             return type(out)((values, idx))
         if name in self.CHOICES and isinstance(out, torch.Tensor) and not out.is_floating_point():
-            return self.decided(name, out, None)
+            return self.decided(name, out, args[0].shape)
         return out
 
 

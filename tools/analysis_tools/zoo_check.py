@@ -345,7 +345,8 @@ def markdown(rows, args):
         '',
         'Per family, one config (random weights): strict analysis; every prunable group cut to a random '
         f'{args.fraction:.0%}; the compact model shrunk from the JSON spec; its outputs against the masked '
-        'model\'s (two-stage detectors: the same proposals); one train step and one predict on it. '
+        'model\'s (the compact run replays the masked run\'s top-k, sort, NMS and threshold choices); one train step '
+        'and one predict on it. '
         'Prunable layers: conv/linear layers in a prunable group, per part.',
         '',
         '| package | family | config | status | groups (prunable) | prunable layers: backbone / neck / head | '
