@@ -175,11 +175,12 @@ def check_own_forward(tracer: 'ChannelTracer', rec: ModuleRecord, x: torch.Tenso
     name = f'{rec.name} ({type(m).__name__})'
     # layers of its own inside (SAC's switch and context convs) or a compiled op in its forward: nothing
     # inside is traced, and a shrunk copy could crash the kernel, so it is not run; left unpruned
+    nested = next(m.children(), None) is not None
     compiled = tracer.compiled_calls
-    if not any(True for _ in m.children()):
+    if not nested:
         m(x)
-    if any(True for _ in m.children()) or tracer.compiled_calls != compiled:
-        why = 'layers of its own inside' if any(True for _ in m.children()) else 'a compiled op inside'
+    if nested or tracer.compiled_calls != compiled:
+        why = 'layers of its own inside' if nested else 'a compiled op inside'
         tracer.sets.taint(torch.cat([ain, aout]), f'{name}: a {type(m).__bases__[0].__name__} subclass with {why}, '
                                                    f'not traced; left unpruned')
         return
