@@ -11,7 +11,9 @@ analyse it strictly (a failing op rule is an error, not "unprunable"), cut every
 a random ``--fraction`` of its channels, write the channel spec as JSON and shrink a copy of the model
 from it, compare the compact model's outputs with the masked model's (relative 1e-4; the compact
 model's run replays the masked run's discrete decisions, top-k, sorts, NMS, thresholds, which
-can flip on float rounding over random-init scores: the RPN's proposals, DETR's query selection), then run one training step and one predict on the
+can flip on float rounding over random-init scores: DETR's query selection, the RPN's choice of
+proposals; the RoI heads of two-stage detectors get the masked run's proposals themselves), then
+run one training step and one predict on the
 compact model with generated data. Every group that is not prunable is listed with its reason.
 
 A row is ``pass``, ``fail`` (something mmfisher does went wrong: the analysis, the shrink, the
@@ -106,9 +108,15 @@ def _step(name, fn, harness=False):
         raise RuntimeError(msg) from e
 
 
-def _outputs(model, x, samples):
-    """The network's tensors in 'tensor' mode; two-stage detectors with their own proposals (the
-    compact model's run replays the masked run's choice of them: :class:`SameDecisions`)."""
+def _outputs(model, x, samples, proposals=None):
+    """The network's tensors in 'tensor' mode, and the proposals its RoI head was given (None for
+    one-stage models). Two-stage detectors run the RoI head on ``proposals`` when given: the compact
+    model gets the masked model's. Replaying only the choice of proposals (:class:`SameDecisions`) is
+    not enough: box coordinates that differ by 1e-6 change the number of RoIAlign samples per bin
+    (``sampling_ratio=0``) and can change a box's FPN level, both steps in the output (fpg: 1.3e-4
+    with replayed choices, 1.6e-6 with shared proposals)."""
+    import copy
+
     from mmfisher.core.atoms import flat_tensors
     from mmfisher.openmmlab.analysis import tensor_forward
     try:
@@ -121,10 +129,11 @@ def _outputs(model, x, samples):
             rpn = model.rpn_head.forward(feats)
         except NotImplementedError:    # CascadeRPNHead: no forward of its own; its predict runs the stages
             rpn = ()
-        proposals = model.rpn_head.predict(feats, samples, rescale=False)
-        roi = model.roi_head.forward(feats, proposals, samples)
-        return flat_tensors((rpn, roi), [], -8)
-    return flat_tensors(tensor_forward(model, x, samples), [], -8)
+        own = model.rpn_head.predict(feats, samples, rescale=False)  # run either way: the decision stream
+        proposals = own if proposals is None else proposals          # stays the same in both runs
+        roi = model.roi_head.forward(feats, copy.deepcopy(proposals), samples)
+        return flat_tensors((rpn, roi), [], -8), proposals
+    return flat_tensors(tensor_forward(model, x, samples), [], -8), None
 
 
 def _parts(graph):
@@ -218,12 +227,12 @@ def check(config, shape, fraction):
         masks.attach()
         try:
             with torch.no_grad(), SameDecisions() as decisions:
-                ref = _outputs(model, x, samples)
+                ref, proposals = _outputs(model, x, samples)
         finally:
             masks.detach()
         compact.eval()
         with torch.no_grad(), SameDecisions(decisions):
-            out = _outputs(compact, x, samples)
+            out, _ = _outputs(compact, x, samples, proposals)
         if len(ref) != len(out):
             raise AssertionError(f'{len(ref)} outputs masked, {len(out)} compact')
         err = 0.0
@@ -345,7 +354,8 @@ def markdown(rows, args):
         '',
         'Per family, one config (random weights): strict analysis; every prunable group cut to a random '
         f'{args.fraction:.0%}; the compact model shrunk from the JSON spec; its outputs against the masked '
-        'model\'s (the compact run replays the masked run\'s top-k, sort, NMS and threshold choices); one train step '
+        'model\'s (the compact run replays the masked run\'s top-k, sort, NMS and threshold choices, and the RoI heads '
+        'of two-stage detectors get the masked run\'s proposals); one train step '
         'and one predict on it. '
         'Prunable layers: conv/linear layers in a prunable group, per part.',
         '',
