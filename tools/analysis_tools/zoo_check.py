@@ -9,7 +9,8 @@ For one representative config per family (the shortest name, preferring ResNet-5
 schedule; the next of three if the check cannot run it), in a subprocess with a time limit: build it with random weights (nothing downloaded),
 analyse it strictly (a failing op rule is an error, not "unprunable"), cut every prunable group to
 a random ``--fraction`` of its channels, write the channel spec as JSON and shrink a copy of the model
-from it, compare the compact model's outputs with the masked model's (relative 1e-4; the compact
+from it, compare the compact model's outputs with the masked model's (relative 1e-4, or, where
+float32 rounding amplified by the random-init network exceeds that, 1e-9 with both in float64; the compact
 model's run replays the masked run's discrete decisions, top-k, sorts, NMS, thresholds, which
 can flip on float rounding over random-init scores: DETR's query selection, the RPN's choice of
 proposals; the RoI heads of two-stage detectors get the masked run's proposals themselves), then
@@ -147,6 +148,51 @@ def _parts(graph):
     return out
 
 
+def pipeline_batch(cfg, model, n=2, size=256):
+    """A training batch of ``n`` generated images through the config's own train pipeline and the
+    model's data preprocessor: ``(inputs, data_samples)`` as ``model.loss`` receives them. Used for
+    self-supervised models, whose loss wants what only their pipeline makes (several views of an
+    image, the mask of a masked-image-modelling method)."""
+    import random
+    import tempfile
+
+    import numpy as np
+    from mmengine.dataset import Compose, default_collate
+    from mmengine.registry import DefaultScope
+    from PIL import Image
+
+    def without_jitter(ts):
+        # mmcv 2.1's hue adjustment overflows uint8 under numpy 2 (every ColorJitter fails on this stack);
+        # a photometric transform changes no shape, so the batch is what the model gets without it
+        out = []
+        for t in ts:
+            if isinstance(t, dict) and t.get('type') in ('ColorJitter', 'mmpretrain.ColorJitter'):
+                continue
+            if isinstance(t, dict):
+                t = {k: (without_jitter(v) if isinstance(v, list) else v) for k, v in t.items()}
+                if t.get('type', '').endswith('RandomApply') and not t.get('transforms'):
+                    continue
+            elif isinstance(t, list):
+                t = without_jitter(t)
+            out.append(t)
+        return out
+
+    pipeline = without_jitter(cfg.train_dataloader.dataset.pipeline)
+    rng = np.random.default_rng(0)
+    random.seed(0)
+    np.random.seed(0)
+    with tempfile.TemporaryDirectory() as tmp, DefaultScope.overwrite_default_scope('mmpretrain'):
+        from mmpretrain.registry import TRANSFORMS
+        compose = Compose([TRANSFORMS.build(t) for t in pipeline])
+        packed = []
+        for i in range(n):
+            path = osp.join(tmp, f'{i}.png')
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+            packed.append(compose(dict(img_path=path, gt_label=i % 2, sample_idx=i)))
+    data = model.data_preprocessor(default_collate(packed), True)
+    return data['inputs'], data['data_samples']
+
+
 def check(config, shape, fraction):
     """Everything about one config, as plain data."""
     import copy
@@ -178,7 +224,19 @@ def check(config, shape, fraction):
     model.eval()
     x = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(0))
     samples = example_samples(model, tuple(x.shape))
-    batch = _step('generated batch', lambda: random_batch(model, 2, hw), harness=True)
+    try:
+        from mmpretrain.models import BaseSelfSupervisor
+        selfsup = isinstance(model, BaseSelfSupervisor)
+    except ImportError:  # pragma: no cover
+        selfsup = False
+    if classifier and not selfsup and getattr(model, 'head', 1) is None:
+        raise Harness('build: a backbone-only config (no head, so no loss): a feature extractor for other '
+                      'models, nothing to train here')
+    if selfsup:      # several views / a mask: the config's own pipeline on generated images
+        batch = _step('generated batch (the config\'s train pipeline)', lambda: pipeline_batch(cfg, model),
+                      harness=True)
+    else:
+        batch = _step('generated batch', lambda: random_batch(model, 2, hw), harness=True)
 
     def train_and_predict(m, what, harness):
         def run():
@@ -189,7 +247,11 @@ def check(config, shape, fraction):
                 raise FloatingPointError(f'loss {float(loss)}')
             m.eval()
             with torch.no_grad():
-                m.predict(batch[0], copy.deepcopy(batch[1]))
+                if selfsup:      # no predict of their own: the features they are trained for, on a
+                    views = batch[0]     # view of the training batch (SparK keeps the batch's mask)
+                    m(views[0] if isinstance(views, list) else views, mode='tensor')
+                else:
+                    m.predict(batch[0], copy.deepcopy(batch[1]))
         _step(f'{what} train step / predict', run, harness=harness)
 
     from mmengine.logging import MessageHub
@@ -221,18 +283,23 @@ def check(config, shape, fraction):
     spec = json.loads(json.dumps(make_spec(graph, keep)))
     compact = _step('shrink from the JSON spec', lambda: shrink(copy.deepcopy(pristine), graph, spec))
 
-    def compare():
+    def compare(dtype=torch.float32):
+        model.to(dtype)
+        compact.to(dtype)
+        xd = x.to(dtype)
         masks = ConsumerInputs(model, graph)
         masks.set_keep(keep)
         masks.attach()
         try:
             with torch.no_grad(), SameDecisions() as decisions:
-                ref, proposals = _outputs(model, x, samples)
+                ref, proposals = _outputs(model, xd, samples)
         finally:
             masks.detach()
         compact.eval()
         with torch.no_grad(), SameDecisions(decisions):
-            out, _ = _outputs(compact, x, samples, proposals)
+            out, _ = _outputs(compact, xd, samples, proposals)
+        model.float()
+        compact.float()
         if len(ref) != len(out):
             raise AssertionError(f'{len(ref)} outputs masked, {len(out)} compact')
         err = 0.0
@@ -242,10 +309,21 @@ def check(config, shape, fraction):
             err = max(err, float((a - b).abs().max() / (a.abs().max() + 1e-6)))
         return err
     row['max_rel_err'] = _step('compare outputs', compare)
+    if row['max_rel_err'] > 1e-4:
+        # float32 rounding (1e-7) that the random-init network amplifies (t2t_vit: x1800) against a real
+        # difference: in float64 rounding is 1e-16, so an exact shrink compares to ~1e-12, a wrong one does not
+        try:
+            row['max_rel_err_float64'] = compare(torch.float64)
+        except Exception as e:  # noqa: BLE001  (a compiled op without float64: the float32 verdict stands)
+            row['float64_error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}'
     train_and_predict(compact, 'compact model', harness=False)
-    row['status'] = 'pass' if row['max_rel_err'] <= 1e-4 else 'fail'
+    exact64 = row.get('max_rel_err_float64', 1.0) <= 1e-9
+    row['status'] = 'pass' if row['max_rel_err'] <= 1e-4 or exact64 else 'fail'
     if row['status'] == 'fail':
         row['error'] = f'compact outputs differ from the masked model\'s by {row["max_rel_err"]:.2e} (relative)'
+    elif exact64:
+        row['note'] = (f'float32 {row["max_rel_err"]:.1e}: rounding the random-init network amplifies; '
+                       f'float64 {row["max_rel_err_float64"]:.0e}')
     row['seconds'] = time.perf_counter() - t0
     return row
 
@@ -369,6 +447,8 @@ def markdown(rows, args):
         reasons = '; '.join(x.replace('|', '/') for x in r.get('reasons', [])[:2])
         if r.get('error'):
             reasons = f'**{r["error"]}**'.replace('|', '/') + ('; ' + reasons if reasons else '')
+        elif r.get('note'):
+            reasons = f'*{r["note"]}*' + ('; ' + reasons if reasons else '')
         err = f'{r["max_rel_err"]:.1e}' if 'max_rel_err' in r else '-'
         groups = f'{r["groups"]} ({r["prunable_groups"]})' if 'groups' in r else '-'
         lines.append(f'| {r["package"]} | {r["family"]} | `{rel(r["config"])}` | {r["status"]} | {groups} | '
