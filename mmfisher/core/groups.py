@@ -22,6 +22,7 @@ import torch.nn as nn
 
 from .atoms import connected_roots
 from .layers import ModuleRecord
+from .mirrors import find_mirrors, tie_mirrors
 from .trace import ChannelTracer
 
 
@@ -75,6 +76,7 @@ class CouplingGraph:
         # layers no traced forward ran (another mode's branch): reported, and never shrunk
         self.unseen: List[str] = tracer.unseen()
         self.skipped: List[str] = list(tracer.skipped)     # extra forwards that failed, and why
+        self.mirrors: List[Tuple[str, str]] = []           # (copy, source): the copy loses the source's channels
         self.groups: List[ChannelGroup] = []
         self.arrays: Dict[Tuple[str, str], LayerArray] = {}
         self._build(tracer)
@@ -242,6 +244,8 @@ class CouplingGraph:
                 lines.append(f'    consumers: {", ".join(g.consumers)}')
             if g.norms:
                 lines.append(f'    per-channel: {", ".join(g.norms)}')
+        for copy, source in self.mirrors:
+            lines.append(f'{copy} is kept in step with {source}: it loses the same channels')
         for err in self.skipped:
             lines.append(f'a further forward of the analysis failed and was traced up to the error: {err}')
         if self.unseen:
@@ -263,7 +267,7 @@ class CouplingGraph:
 
 def analyse(model: nn.Module, inputs: Union[Any, Callable[[], Any]] = None, *,
             forward: Optional[Callable[[], Any]] = None, also: Sequence[Callable[[], Any]] = (),
-            strict: bool = False) -> CouplingGraph:
+            strict: bool = False, mirrors: Sequence[Tuple[str, str]] = ()) -> CouplingGraph:
     """Find the coupled channel groups of ``model``.
 
     Args:
@@ -280,6 +284,9 @@ def analyse(model: nn.Module, inputs: Union[Any, Callable[[], Any]] = None, *,
         strict: raise :class:`mmfisher.core.trace.AnalysisRuleError` when one of the analysis's own op
             rules fails, instead of leaving the channels it saw unpruned (for tests and the zoo check:
             a bug in a rule must not look like an unsupported model).
+        mirrors: ``(copy, source)`` module names of copies kept in step with a source by parameter
+            updates the trace cannot see, beyond the averaged copies (EMA / momentum encoders) found
+            automatically (:mod:`mmfisher.core.mirrors`): each copy loses its source's channels.
     """
     if forward is None:
         if inputs is None:
@@ -295,4 +302,8 @@ def analyse(model: nn.Module, inputs: Union[Any, Callable[[], Any]] = None, *,
     finally:
         for m, flag in training.items():
             m.training = flag
-    return CouplingGraph(tracer, time.perf_counter() - t0)
+    pairs, ambiguous = find_mirrors(model)
+    tie_mirrors(tracer, model, list(pairs) + list(mirrors), ambiguous)
+    graph = CouplingGraph(tracer, time.perf_counter() - t0)
+    graph.mirrors = list(pairs) + list(mirrors)
+    return graph

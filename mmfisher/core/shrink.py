@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from .groups import CouplingGraph
+from .mirrors import refresh_averaged
 from .spec import spec_to_keep
 
 
@@ -70,4 +71,5 @@ def shrink(model: nn.Module, graph: CouplingGraph, spec_or_keep: Any) -> nn.Modu
         if all(kept[r].numel() == graph.arrays[(name, r)].channel.numel() for r in kept):
             continue
         rec.layer_type.shrink(m, kept)
+    refresh_averaged(model)
     return model

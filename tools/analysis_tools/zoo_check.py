@@ -138,10 +138,14 @@ def _outputs(model, x, samples, proposals=None):
 
 
 def _parts(graph):
-    """Per part (backbone / neck / head): conv/linear layers, and those in a prunable group."""
+    """Per part (backbone / neck / head): conv/linear layers, and those in a prunable group (an averaged
+    copy's layers, e.g. a momentum encoder's, are not counted: they follow their source's)."""
     prunable = graph.prunable_layers()
+    copies = tuple(c + '.' for c, _ in graph.mirrors)
     out = {}
     for n in graph.layers():
+        if copies and n.startswith(copies):
+            continue
         part = n.split('.')[0] if n.split('.')[0] in ('backbone', 'neck') else 'head'
         total, pr = out.get(part, (0, 0))
         out[part] = (total + 1, pr + (n in prunable))
