@@ -7,25 +7,13 @@ import torch.nn as nn
 
 from mmfisher.core import ConsumerInputs, shrink
 from mmfisher.core.atoms import flat_tensors
+from mmfisher.core.uniform import random_keep  # noqa: F401  (used by the tests)
 from mmfisher.openmmlab.synthetic import randomise_norms  # noqa: F401  (used by the tests)
 
 
 def config_path(package: str, rel: str) -> str:
     mod = __import__(package)
     return os.path.join(os.path.dirname(mod.__file__), '.mim', 'configs', rel)
-
-
-def random_keep(graph, fraction: float = 0.5, seed: int = 0) -> torch.Tensor:
-    """Keep a random ``fraction`` (at least one) of the channels of every prunable group."""
-    g = torch.Generator().manual_seed(seed)
-    keep = torch.ones(graph.num_channels, dtype=torch.bool)
-    for grp in graph.groups:
-        if grp.prunable:
-            k = max(1, int(grp.size * fraction))
-            sub = torch.zeros(grp.size, dtype=torch.bool)
-            sub[torch.randperm(grp.size, generator=g)[:k]] = True
-            keep[grp.offset:grp.offset + grp.size] = sub
-    return keep
 
 
 def masked_and_shrunk(model, graph, keep, run):

@@ -77,7 +77,7 @@ class CostModel:
                 seen.add(id(p))
                 self.total_params += p.numel()
         full = torch.ones(U, dtype=torch.bool)
-        self._layer_params0 = self._layer_totals(full)[2]
+        self._layer_params0 = self.layer_totals(full)[2]
         self.original = self.totals(full)
         # memory saved by a channel does not depend on the others: compute once
         self._memory = torch.zeros(U + 1, dtype=torch.float64)
@@ -107,11 +107,15 @@ class CostModel:
         u, n = torch.unique(idx, return_counts=True)
         return u, n.double()
 
-    def _alive(self, keep: torch.Tensor) -> torch.Tensor:
+    def alive(self, keep: torch.Tensor) -> torch.Tensor:
+        """``[num_channels + 1]`` float64: 1 for a kept channel, 0 for a removed one; the last entry (1)
+        stands for every position outside the groups (the ``-1`` entries of the layers' indices)."""
         return torch.cat([keep.double(), torch.ones(1, dtype=torch.float64)])
 
-    def _layer_totals(self, keep: torch.Tensor):
-        alive = self._alive(keep)
+    def layer_totals(self, keep: torch.Tensor) -> Tuple[float, float, float]:
+        """``(flops, memory, params)`` of the recorded layers alone with only ``keep`` channels (the
+        parameters of unrecorded modules are not in it; :meth:`totals` adds them)."""
+        alive = self.alive(keep)
         flops = memory = params = 0.0
         for L in self.layers:
             n_out = float(alive[L.out_idx].sum())
@@ -126,7 +130,7 @@ class CostModel:
     def totals(self, keep: torch.Tensor) -> Dict[str, float]:
         """``{'flops', 'memory', 'params'}`` (and ``'latency'`` in ms, if attached) of the model with only
         ``keep`` channels."""
-        flops, memory, layer_params = self._layer_totals(keep)
+        flops, memory, layer_params = self.layer_totals(keep)
         params = float(self.total_params) - (self._layer_params0 - layer_params)
         out = {'flops': flops, 'memory': memory, 'params': params}
         if self.latency is not None:
@@ -154,7 +158,7 @@ class CostModel:
             return self.latency.saving(keep)
         if kind not in ('flops', 'params'):
             raise ValueError(f'unknown cost {kind!r}: use memory, flops, params, latency or none')
-        alive = self._alive(keep)
+        alive = self.alive(keep)
         out = torch.zeros(U + 1, dtype=torch.float64)
         for L in self.layers:
             scale = (L.flop_rows if kind == 'flops' else 1.0) * L.kernel

@@ -250,7 +250,7 @@ class LatencyModel:
     # ---- prediction ------------------------------------------------------ #
     def layer_ms(self, keep: torch.Tensor) -> torch.Tensor:
         """``[layers]`` float64: every layer's predicted ms at ``keep``."""
-        alive = self.cost._alive(keep)
+        alive = self.cost.alive(keep)
         out = []
         for t, L in zip(self.tables, self.cost.layers):
             n_out = alive[L.out_idx].sum()
@@ -261,13 +261,13 @@ class LatencyModel:
     def total(self, keep: torch.Tensor) -> float:
         """Predicted ms of the network with only ``keep`` channels."""
         layers = float(self.layer_ms(keep).sum())
-        memory = self.cost._layer_totals(keep)[1]
+        memory = self.cost.layer_totals(keep)[1]
         return self.alpha * layers + self.fixed + self.per_memory * memory
 
     def saving(self, keep: torch.Tensor) -> torch.Tensor:
         """``[num_channels]`` float64: the predicted ms that removing each channel alone saves now."""
         U = self.cost.num_channels
-        alive = self.cost._alive(keep)
+        alive = self.cost.alive(keep)
         out = torch.zeros(U + 1, dtype=torch.float64)
         for t, L in zip(self.tables, self.cost.layers):
             n_out = alive[L.out_idx].sum()
@@ -282,7 +282,7 @@ class LatencyModel:
             after = t.predict(n_in - d_in[touched], n_out - d_out[touched])
             now = t.predict(n_in.view(1), n_out.view(1))
             out.index_add_(0, touched, self.alpha * (now - after))
-        return out[:U] + self.per_memory * self.cost._memory
+        return out[:U] + self.per_memory * self.cost.saving('memory', keep)
 
     # ---- state --------------------------------------------------------- #
     def state_dict(self) -> Dict[str, Any]:
@@ -337,7 +337,7 @@ class LatencyModel:
                 measured['widths'].append(float(w))
                 measured['ms'].append(ms)
                 measured['layers_ms'].append(float(provisional.layer_ms(keep).sum()))
-                measured['memory'].append(cost._layer_totals(keep)[1])
+                measured['memory'].append(cost.layer_totals(keep)[1])
                 log(f'latency model: the network at width {w:.2f}: {ms:.1f} ms measured, '
                     f'{measured["layers_ms"][-1]:.1f} ms in its layers alone')
         finally:

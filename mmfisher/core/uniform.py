@@ -10,7 +10,8 @@ scratch (``PrunedModel`` without ``load_from``: the runner initialises the narro
 with their own fan-in).
 
 ``uniform_keep_for(graph, cost, resource, ratio)`` finds the width whose cost is nearest
-to ``ratio`` of the original.
+to ``ratio`` of the original. ``random_keep(graph, fraction, seed)`` keeps as many channels per
+group as ``uniform_keep``, chosen at random (the equivalence checks of the tests and the zoo check).
 """
 from __future__ import annotations
 
@@ -34,6 +35,22 @@ def uniform_keep(graph: CouplingGraph, width: float, candidates: Optional[torch.
             continue
         k = max(1, int(round(width * g.size)))
         keep[g.offset + k:g.offset + g.size] = False
+    return keep
+
+
+def random_keep(graph: CouplingGraph, fraction: float = 0.5, seed: int = 0) -> torch.Tensor:
+    """``[num_channels]`` bool: ``max(1, round(fraction * size))`` channels of every prunable group, chosen
+    by ``torch.randperm`` with a generator seeded ``seed``, group after group."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f'fraction={fraction} must be in (0, 1]')
+    g = torch.Generator().manual_seed(seed)
+    keep = torch.ones(graph.num_channels, dtype=torch.bool)
+    for grp in graph.groups:
+        if grp.prunable:
+            k = max(1, int(round(grp.size * fraction)))
+            sub = torch.zeros(grp.size, dtype=torch.bool)
+            sub[torch.randperm(grp.size, generator=g)[:k]] = True
+            keep[grp.offset:grp.offset + grp.size] = sub
     return keep
 
 

@@ -205,6 +205,7 @@ def check(config, shape, fraction):
     from mmengine.config import Config
 
     from mmfisher.core import ConsumerInputs, make_spec, shrink
+    from mmfisher.core.uniform import random_keep
     from mmfisher.openmmlab import analyse_model, build_from_config
     from mmfisher.openmmlab.decisions import SameDecisions
     from mmfisher.openmmlab.analysis import default_scope_of, example_samples
@@ -276,14 +277,7 @@ def check(config, shape, fraction):
     if not s['prunable_groups']:
         row.update(status='nothing prunable', seconds=time.perf_counter() - t0)
         return row
-    g = torch.Generator().manual_seed(1)
-    keep = torch.ones(graph.num_channels, dtype=torch.bool)
-    for grp in graph.groups:
-        if grp.prunable:
-            k = max(1, int(round(grp.size * fraction)))
-            sub = torch.zeros(grp.size, dtype=torch.bool)
-            sub[torch.randperm(grp.size, generator=g)[:k]] = True
-            keep[grp.offset:grp.offset + grp.size] = sub
+    keep = random_keep(graph, fraction, seed=1)
     spec = json.loads(json.dumps(make_spec(graph, keep)))
     compact = _step('shrink from the JSON spec', lambda: shrink(copy.deepcopy(pristine), graph, spec))
 
