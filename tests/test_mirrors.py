@@ -128,3 +128,20 @@ def test_masked_and_compact_momentum_model_agree():
     with torch.no_grad():
         out = compact(x)
     assert max_rel_err(ref, out) < 1e-5
+
+
+def test_cae_teacher_follows_the_backbone():
+    """CAE's teacher is a second backbone updated by a momentum loop over both parameter lists (no
+    averaged-model wrapper): the adapter names it (KNOWN_MIRRORS), and the compact model's update runs."""
+    from helpers import config_path
+    from mmfisher.openmmlab import analyse_model, build_from_config
+    model = build_from_config(config_path('mmpretrain', 'cae/cae_beit-base-p16_8xb256-amp-coslr-300e_in1k.py'))
+    model.init_weights()                       # the teacher starts as a copy of the backbone
+    graph = analyse_model(model, (1, 3, 224, 224), strict=True)
+    assert ('teacher', 'backbone') in graph.mirrors
+    g = graph.groups_of('backbone.layers.0.ffn.layers.0.0')[0]
+    assert g.prunable and 'teacher.layers.0.ffn.layers.0.0' in g.producers
+    compact = shrink(copy.deepcopy(model), graph, random_keep(graph, 0.5, seed=2))
+    compact.momentum_update()
+    for (n, a), (m, b) in zip(compact.backbone.named_parameters(), compact.teacher.named_parameters()):
+        assert n == m and a.shape == b.shape, (n, a.shape, b.shape)

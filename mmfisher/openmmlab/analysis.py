@@ -127,6 +127,25 @@ def example_loss(model: nn.Module, shape: Sequence[int] = (1, 3, 320, 320)) -> C
     return loss
 
 
+# Copies kept in step with a part of the model that are not averaged-model wrappers (those are found
+# by mmfisher.core.mirrors): class name -> (copy, source) module names. CAE's teacher is a second
+# backbone updated from the backbone by a momentum loop over their parameters.
+KNOWN_MIRRORS = {
+    'CAE': [('teacher', 'backbone')],
+}
+
+
+def known_mirrors(model: nn.Module) -> list:
+    """``(copy, source)`` pairs of :data:`KNOWN_MIRRORS` that apply to ``model`` (by class name)."""
+    names = dict(model.named_modules())
+    pairs = []
+    for cls in type(model).__mro__:
+        for copy_name, source in KNOWN_MIRRORS.get(cls.__name__, []):
+            if copy_name in names and source in names and (copy_name, source) not in pairs:
+                pairs.append((copy_name, source))
+    return pairs
+
+
 def analyse_model(model: nn.Module, shape: Sequence[int] = (1, 3, 320, 320), strict: bool = False,
                   with_loss: bool = True) -> CouplingGraph:
     """Coupled groups of an OpenMMLab model, recorded on a random input of ``shape``: its tensor
@@ -147,7 +166,8 @@ def analyse_model(model: nn.Module, shape: Sequence[int] = (1, 3, 320, 320), str
     py_state, np_state = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]):
-            return analyse(model, forward=example_forward(model, shape), also=also, strict=strict)
+            return analyse(model, forward=example_forward(model, shape), also=also, strict=strict,
+                           mirrors=known_mirrors(model))
     finally:
         random.setstate(py_state)
         np.random.set_state(np_state)

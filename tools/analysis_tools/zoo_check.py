@@ -266,6 +266,10 @@ def check(config, shape, fraction):
     pristine = copy.deepcopy(model)
     train_and_predict(copy.deepcopy(model), 'original model', harness=True)   # the control
 
+    def plain_forward():        # the control: the untraced network in tensor mode on the analysis input
+        with torch.no_grad():
+            _outputs(model, x, samples)
+    _step('original model tensor forward', plain_forward, harness=True)
     graph = _step('analysis', lambda: analyse_model(model, tuple(x.shape), strict=True))
     s = graph.summary()
     row.update(groups=s['groups'], prunable_groups=s['prunable_groups'], layers=s['layers'],
