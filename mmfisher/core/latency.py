@@ -300,8 +300,9 @@ class LatencyModel:
     def measure(cls, model: nn.Module, graph: CouplingGraph, forward_of: Callable[[nn.Module], Callable[[], Any]],
                 cost: Optional[CostModel] = None, device: Optional[torch.device] = None,
                 cache: Optional[TimingCache] = None, log: Callable[[str], None] = lambda s: None,
-                widths: Sequence[float] = WIDTHS, repeats: int = 5) -> 'LatencyModel':
-        """Time every layer alone and the network at ``widths``, then fit (see module docstring).
+                widths: Sequence[float] = WIDTHS, repeats: int = 3, rounds: int = 3) -> 'LatencyModel':
+        """Time every layer alone and the network at ``widths`` (``rounds`` interleaved rounds of ``repeats``
+        runs each, the median of the rounds), then fit (see module docstring).
 
         ``forward_of(m)``: a callable running the network ``m`` (the same architecture, possibly shrunk)
         on the analysis input, e.g. ``lambda m: example_forward(m, (1, 3, 320, 320))``.
@@ -323,23 +324,32 @@ class LatencyModel:
             if (k + 1) % 10 == 0 or k + 1 == len(cost.layers):
                 log(f'latency model: {k + 1}/{len(cost.layers)} layers timed on {dev} '
                     f'({cache.measured} new timings, {time.perf_counter() - t0:.0f} s)')
-        # the network at several uniform widths
+        # the network at several uniform widths, timed in interleaved rounds (the median of each network's
+        # rounds): timed one after another, this CPU's drift of 10-20% between minutes went into the fit
+        # (at 640x640 the full network once measured 1070 ms and width 0.8 1037 ms)
         measured = {'widths': [], 'ms': [], 'layers_ms': [], 'memory': []}
         full = torch.ones(graph.num_channels, dtype=torch.bool)
         provisional = cls(cost, tables, (1.0, 0.0, 0.0), dev)
         was_training = model.training
         model.eval()
         try:
+            nets = []
             for w in widths:
                 keep = full if w >= 1.0 else uniform_keep(graph, w)
-                net = model if w >= 1.0 else shrink(copy.deepcopy(model), graph, keep).eval()
-                ms = time_ms(forward_of(net), device, min_runs=repeats, min_ms=0.0, warmup=2)
-                measured['widths'].append(float(w))
+                nets.append((float(w), keep, model if w >= 1.0 else shrink(copy.deepcopy(model), graph, keep).eval()))
+            rounds_ms: List[List[float]] = [[] for _ in nets]
+            for r in range(max(1, int(rounds))):
+                for k, (_, _, net) in enumerate(nets):
+                    rounds_ms[k].append(time_ms(forward_of(net), device, min_runs=repeats, min_ms=0.0,
+                                                warmup=2 if r == 0 else 1))
+            for (w, keep, _), times in zip(nets, rounds_ms):
+                ms = statistics.median(times)
+                measured['widths'].append(w)
                 measured['ms'].append(ms)
                 measured['layers_ms'].append(float(provisional.layer_ms(keep).sum()))
                 measured['memory'].append(cost.layer_totals(keep)[1])
-                log(f'latency model: the network at width {w:.2f}: {ms:.1f} ms measured, '
-                    f'{measured["layers_ms"][-1]:.1f} ms in its layers alone')
+                log(f'latency model: the network at width {w:.2f}: {ms:.1f} ms measured (median of '
+                    f'{len(times)} rounds), {measured["layers_ms"][-1]:.1f} ms in its layers alone')
         finally:
             model.train(was_training)
         cache.save()
