@@ -50,6 +50,8 @@ def find_mirrors(model: nn.Module) -> Tuple[List[Tuple[str, str]], List[Tuple[st
     identical modules could be the source. A copy matching nothing in the model is left alone."""
     named = dict(model.named_modules())
     copies = [n for n, m in named.items() if is_averaged_copy(m)]
+    if not copies:
+        return [], []
     inside = tuple(c + '.' for c in copies if c)
 
     def outside(n: str) -> bool:          # not an averaged copy, nor inside one
