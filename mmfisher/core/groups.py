@@ -303,7 +303,8 @@ def analyse(model: nn.Module, inputs: Union[Any, Callable[[], Any]] = None, *,
         for m, flag in training.items():
             m.training = flag
     pairs, ambiguous = find_mirrors(model)
-    tie_mirrors(tracer, model, list(pairs) + list(mirrors), ambiguous)
+    pairs += [tuple(p) for p in mirrors if tuple(p) not in pairs]
+    tie_mirrors(tracer, model, pairs, ambiguous)
     graph = CouplingGraph(tracer, time.perf_counter() - t0)
-    graph.mirrors = list(pairs) + list(mirrors)
+    graph.mirrors = pairs
     return graph

@@ -65,11 +65,11 @@ def find_mirrors(model: nn.Module) -> Tuple[List[Tuple[str, str]], List[Tuple[st
     for c in copies:
         wrapped = named[c].module
         prefix = f'{c}.module' if c else 'module'
-        todo = [(prefix, wrapped)]
-        if _signature(wrapped) not in by_sig:
-            todo = [(f'{prefix}.{k}', ch) for k, ch in wrapped.named_children()]
-        for name, m in todo:
-            cands = by_sig.get(_signature(m), [])
+        sig = _signature(wrapped)
+        todo = ([(prefix, sig)] if sig in by_sig else
+                [(f'{prefix}.{k}', _signature(ch)) for k, ch in wrapped.named_children()])
+        for name, sig in todo:
+            cands = by_sig.get(sig, [])
             cands = [s for s in cands if not any(s.startswith(o + '.') for o in cands if o != s)]
             if len(cands) == 1:
                 pairs.append((name, cands[0]))
