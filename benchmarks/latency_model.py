@@ -13,7 +13,11 @@ networks, the median of the rounds):
 * uniformly narrower models at widths 0.9, 0.7, 0.5 (the fit used 1.0, 0.8, 0.6, 0.4);
 * non-uniformly pruned models: every prunable group keeps a random share (seeded) drawn from
   [0.7, 1], [0.5, 1], [0.3, 1] and [0.1, 1], which is how pruning leaves a network (deep cuts in some
-  groups, none in others) and what the fit never saw.
+  groups, none in others) and what the fit never saw; and the same with every group's count rounded
+  down to a multiple of the device's channel quantum (what -L pruning leaves on a staircase device).
+
+First it prints the staircase itself: a 3x3 conv at 80x80, as many channels in as out, timed at
+40 to 70 channels (``--no-staircase`` skips it).
 
 Prints one table per size with the FLOPs ratio, predicted ms, measured ms and the error, and the
 largest error. Run it alone: other CPU work on the machine makes both columns meaningless.
@@ -36,6 +40,7 @@ def parse_args(argv=None):
     p.add_argument('--repeats', type=int, default=5, help='timed runs per network and round')
     p.add_argument('--rounds', type=int, default=3)
     p.add_argument('--json', default=None, help='write the rows here')
+    p.add_argument('--no-staircase', action='store_true', help='do not print the 3x3 conv staircase first')
     return p.parse_args(argv)
 
 
@@ -52,6 +57,31 @@ def random_share_keep(graph, low, seed):
     return keep
 
 
+def on_quantum(graph, keep, quantum):
+    """``keep`` with every prunable group's count rounded down to a multiple of ``quantum`` (at least one)."""
+    keep = keep.clone()
+    for grp in graph.groups:
+        if grp.prunable and quantum > 1:
+            k = int(keep[grp.offset:grp.offset + grp.size].sum())
+            k = max(quantum, k // quantum * quantum) if grp.size >= quantum else k
+            keep[grp.offset:grp.offset + grp.size] = False
+            keep[grp.offset:grp.offset + min(k, grp.size)] = True
+    return keep
+
+
+def staircase():
+    import torch
+    from mmfisher.core.latency import time_ms
+    print('3x3 conv, 80x80, batch 1, channels in = out: ms')
+    cells = []
+    for c in range(40, 71):
+        conv = torch.nn.Conv2d(c, c, 3, padding=1).eval()
+        x = torch.randn(1, c, 80, 80)
+        cells.append(f'{c}: {time_ms(lambda: conv(x), torch.device("cpu"), min_ms=60, min_runs=5):.2f}')
+    for k in range(0, len(cells), 8):
+        print('  ' + ', '.join(cells[k:k + 8]))
+
+
 def main(argv=None):
     args = parse_args(argv)
     import torch
@@ -66,6 +96,8 @@ def main(argv=None):
     if not osp.isfile(path):
         import mmdet
         path = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', args.config)
+    if not args.no_staircase:
+        staircase()
     torch.manual_seed(0)
     model = build_from_config(analysis_tool_config(path, None)).eval()
     device = torch.device('cpu')
@@ -82,6 +114,11 @@ def main(argv=None):
         nets += [(f'uniform x{wd:.1f}', uniform_keep(graph, wd)) for wd in (0.9, 0.7, 0.5)]
         nets += [(f'random shares in [{low:.1f}, 1]', random_share_keep(graph, low, seed=k))
                  for k, low in enumerate((0.7, 0.5, 0.3, 0.1))]
+        q = int(lat.measured.get('quantum', 1))
+        if q > 1:
+            nets += [(f'random shares in [{low:.1f}, 1], counts on multiples of {q}',
+                      on_quantum(graph, random_share_keep(graph, low, seed=k), q))
+                     for k, low in enumerate((0.7, 0.5, 0.3, 0.1))]
         compact = [(name, keep, model if keep.all() else shrink(copy.deepcopy(model), graph, keep).eval())
                    for name, keep in nets]
         times = {name: [] for name, _ in nets}
@@ -90,7 +127,7 @@ def main(argv=None):
                 times[name].append(time_ms(example_forward(net, shape), device, min_runs=args.repeats,
                                            min_ms=0.0, warmup=2))
         print(f'\n{args.config} at {h}x{w}, batch 1, {torch.get_num_threads()} threads ({lat.device}); '
-              f'fit: alpha {lat.alpha:.3f}, fixed {lat.fixed:.1f} ms, {lat.per_memory * 1e6:.3f} ms per 1e6 '
+              f'channel quantum {q}; fit: alpha {lat.alpha:.3f}, fixed {lat.fixed:.1f} ms, {lat.per_memory * 1e6:.3f} ms per 1e6 '
               f'feature-map elements')
         print('| network | FLOPs | predicted ms | measured ms | error |')
         print('|---|---|---|---|---|')

@@ -9,7 +9,8 @@ import torch
 
 from mmfisher.core import analyse
 from mmfisher.core.cost import CostModel
-from mmfisher.core.latency import LatencyModel, LayerTable, TimingCache, fit, interp1, interp2, monotone
+from mmfisher.core.latency import (LatencyModel, LayerTable, TimingCache, _grid, detect_quantum, fit, interp1, interp2,
+                                   monotone)
 from mmfisher.core.pruner import GroupFisherPruner
 from test_pruner import ResNetish, train
 
@@ -62,7 +63,7 @@ def measured(tmp_path_factory):
     x = torch.randn(1, 3, 16, 16)
     graph = analyse(model, x)
     cache = TimingCache(str(tmp_path_factory.mktemp('cache') / 'latency.json'))
-    lat = LatencyModel.measure(model, graph, lambda m: (lambda: m(x)), cache=cache, repeats=3)
+    lat = LatencyModel.measure(model, graph, lambda m: (lambda: m(x)), cache=cache, repeats=3, quantum=1)
     return model, graph, lat, cache
 
 
@@ -74,14 +75,15 @@ def test_every_layer_is_timed_at_its_own_channel_counts(measured):
     dw = lat.tables[2]                       # depthwise: whole groups, one grid
     assert dw.groups.tolist() == [1.0, 2.0, 3.0, 4.0, 6.0] and dw.times.shape == (5,)
     assert (stem.times > 0).all() and cache.measured > 0
-    assert lat.measured['widths'] == [1.0, 0.8, 0.6, 0.4] and min(lat.alpha, lat.fixed, lat.per_memory) >= 0
+    assert lat.measured['widths'] == [1.0, 0.8, 0.75, 0.6, 0.4] and min(lat.alpha, lat.fixed, lat.per_memory) >= 0
+    assert all(t.quantum == 1 and t.penalty == (1.0, 1.0, 1.0) for t in lat.tables)
 
 
 def test_a_second_measurement_comes_from_the_cache(measured):
     model, graph, lat, cache = measured
     again = TimingCache(cache.path)
     lat2 = LatencyModel.measure(model, graph, lambda m: (lambda: m(torch.randn(1, 3, 16, 16))), cache=again,
-                                repeats=3)
+                                repeats=3, quantum=1)
     assert again.measured == 0
     assert all(torch.equal(a.times, b.times) for a, b in zip(lat.tables, lat2.tables))
 
@@ -100,6 +102,117 @@ def test_saving_is_the_drop_of_the_total_when_one_channel_goes(measured):
         less[ch] = False
         assert abs(float(saving[ch]) - (now - lat.total(less))) < 1e-9 * max(1.0, now), graph.groups[
             graph.group_index(ch)].name
+
+
+def test_the_grid_of_a_staircase_device_is_on_multiples_of_its_quantum():
+    assert _grid(64, quantum=16) == [1, 16, 32, 48, 64]
+    assert _grid(256, quantum=16) == [1, 64, 128, 192, 256]
+    assert _grid(8, quantum=16) == [1, 8]                  # a layer narrower than the quantum: its own count
+    assert _grid(72, fixed=20, quantum=16) == [21, 32, 48, 64, 72]
+    assert _grid(64) == [1, 16, 32, 48, 64] and _grid(10) == [1, 2, 5, 8, 10]   # quantum 1: the fractions
+
+
+def test_the_quantum_probe_finds_the_step_of_a_timed_staircase(tmp_path):
+    """The probe on timings that follow a known staircase (q = 8, every count past a multiple as slow as the
+    next multiple): 8, not 16 (its odd multiples 48, 80 ... are steps too) and not 4."""
+    cache = TimingCache(str(tmp_path / 'probe.json'))
+    for c in range(2, 2000):
+        cache.entries[f'dev|probe conv3x3 28x28|channels={c}'] = float((-(-c // 8) * 8) ** 2)
+    assert detect_quantum(torch.device('cpu'), 'dev', cache) == 8 and cache.measured == 0
+    smooth = TimingCache(str(tmp_path / 'smooth.json'))
+    for c in range(2, 2000):
+        smooth.entries[f'dev|probe conv3x3 28x28|channels={c}'] = float(c * c)
+    assert detect_quantum(torch.device('cpu'), 'dev', smooth) == 1
+
+
+def staircase_table(quantum=4, penalty=(1.1, 1.3, 1.6)):
+    g = torch.tensor([1.0, 4.0, 8.0], dtype=torch.float64)
+    times = torch.tensor([[1.0, 2.0, 3.0], [2.0, 5.0, 9.0], [3.0, 8.0, 16.0]], dtype=torch.float64)
+    return LayerTable('l', g, g.clone(), times, quantum=quantum, penalty=penalty)
+
+
+def test_a_staircase_table_predicts_the_multiple_above_times_its_penalty():
+    """Against the obvious reference: each count rounded up to a multiple of 4 lands on a grid point; its
+    time there, times the penalty for the sides that are off a multiple."""
+    t = staircase_table()
+    at = {1.0: 0, 4.0: 1, 8.0: 2}
+    for ci in range(1, 9):
+        for co in range(1, 9):
+            up_i, up_o = min(8, -(-ci // 4) * 4), min(8, -(-co // 4) * 4)
+            off_i, off_o = up_i != ci, up_o != co
+            factor = 1.6 if off_i and off_o else 1.1 if off_i else 1.3 if off_o else 1.0
+            ref = float(t.times[at[up_i], at[up_o]]) * factor
+            got = float(t.predict(torch.tensor([float(ci)], dtype=torch.float64),
+                                  torch.tensor([float(co)], dtype=torch.float64)))
+            assert abs(got - ref) < 1e-12, (ci, co)
+    # one channel off a full block is slower than the block: that is the staircase, not noise
+    eight, seven = (float(t.predict(torch.tensor([8.0], dtype=torch.float64), torch.tensor([v], dtype=torch.float64)))
+                    for v in (8.0, 7.0))
+    assert seven > eight
+
+
+def test_saving_on_a_staircase_is_the_share_of_the_drop_to_the_next_multiple_below(measured):
+    """Against the slow computation: for every layer a channel is in, remove as many channels of its group
+    as it takes that layer to reach the next multiple of the quantum below, predict the layer with and
+    without them, and share the drop among them."""
+    model, graph, _, _ = measured
+    cost = CostModel(model, graph)
+    tables = []
+    for L in cost.layers:
+        gi = torch.tensor(sorted({1.0, float(L.in_idx.numel())}), dtype=torch.float64)
+        go = torch.tensor(sorted({1.0, float(L.out_idx.numel())}), dtype=torch.float64)
+        t = gi[:, None] * go[None, :] / 1000
+        grouped = L.grouped
+        tables.append(LayerTable(L.name, gi, go, t) if grouped else
+                      LayerTable(L.name, gi, go, t, quantum=4, penalty=(1.2, 1.1, 1.5)))
+    lat = LatencyModel(cost, tables, (1.0, 0.5, 2e-4), 'synthetic')
+    keep = torch.ones(graph.num_channels, dtype=torch.bool)
+    stream = graph.group('stem')
+    keep[stream.offset + 7] = False                     # the residual stream at 7 of 8: off its multiple
+    saving = lat.saving(keep)
+    names = [L.name for L in cost.layers]
+    for g in graph.groups:
+        if not g.prunable:
+            continue
+        for ch in range(g.offset, g.offset + g.size):
+            if not keep[ch]:
+                continue
+            ref = lat.per_memory * float(cost.saving('memory', keep)[ch])
+            now = lat.layer_ms(keep)
+            for i, L in enumerate(cost.layers):
+                sides = [(L.in_idx, 'in'), (L.out_idx, 'out')]
+                counts = [int(keep[idx[idx < graph.num_channels]].sum()) + int((idx >= graph.num_channels).sum())
+                          for idx, _ in sides]
+                positions = [int((idx == ch).sum()) for idx, _ in sides]     # a channel can span several
+                if not any(positions):
+                    continue
+                if L.grouped:
+                    steps = 1
+                else:
+                    side = 0 if positions[0] else 1
+                    n, d = counts[side], positions[side]
+                    steps = max(1, (n - max(1, (n - d) // 4 * 4)) // d)
+                alive = [c for c in range(g.offset, g.offset + g.size) if keep[c] and c != ch]
+                less = keep.clone()
+                less[ch] = False
+                for c in alive[len(alive) - (steps - 1):] if steps > 1 else []:
+                    less[c] = False
+                ref += (float(now[i]) - float(lat.layer_ms(less)[i])) / steps
+            assert abs(float(saving[ch]) - ref) < 1e-9, (g.name, ch - g.offset, names)
+
+
+def test_a_latency_model_measured_on_a_staircase_holds_its_quantum_and_penalties(measured, tmp_path):
+    model, graph, _, _ = measured
+    lat = LatencyModel.measure(model, graph, lambda m: (lambda: m(torch.randn(1, 3, 16, 16))), repeats=1, rounds=1,
+                               cache=TimingCache(str(tmp_path / 'q.json')), quantum=4)
+    c1 = lat.tables[[t.name for t in lat.tables].index('c1')]
+    assert c1.quantum == 4 and c1.in_grid.tolist() == [1.0, 4.0, 8.0] and c1.out_grid.tolist() == [1.0, 4.0, 6.0]
+    assert all(0.5 <= p <= 4.0 for p in c1.penalty) and lat.measured['quantum'] == 4
+    again = LatencyModel.from_state(CostModel(model, graph), lat.state_dict())
+    assert [t.penalty for t in again.tables] == [t.penalty for t in lat.tables]
+    with pytest.raises(ValueError, match='quantum=0 must be a positive channel count'):
+        LatencyModel.measure(model, graph, lambda m: (lambda: m(torch.randn(1, 3, 16, 16))), quantum=0,
+                             cache=TimingCache(str(tmp_path / 'q.json')))
 
 
 def test_the_state_predicts_the_same_after_a_round_trip(measured, tmp_path):

@@ -2,20 +2,32 @@
 
 The latency model of a network (``LatencyModel.measure``):
 
+* the device's channel quantum ``q`` (:func:`detect_quantum`): CPU and GPU kernels work on blocks
+  of channels, so a layer's time is a staircase in its channel counts. On the 2-core AMD EPYC this
+  project is developed on, a 3x3 conv at 80x80 takes 1.8 ms with 48 channels in and out, 3.4-3.8 ms
+  with 49 to 63 and 2.9 ms with 64: ``q = 16``. A short probe (a 3x3 conv timed at ``c`` and ``c + 1``
+  channels for odd multiples ``c`` of each candidate) finds the smallest ``q`` at whose multiples
+  the time jumps; ``q = 1`` where no step shows;
 * every producing layer (conv, linear) is timed alone on the device, with the input shape of each
-  of its calls in the analysis, at a grid of channel counts around its own: input and output
-  positions at 1, 1/4, 1/2, 3/4 and all of the layer's (a group conv: whole groups, on the
-  diagonal). ``T_L(n_in, n_out)`` interpolates the grid (bilinear; linear for a group conv), whose
+  of its calls in the analysis, at a grid of channel counts: input and output positions at 1, 1/4,
+  1/2, 3/4 and all of the layer's, snapped to multiples of ``q`` (a group conv: whole groups, on the
+  diagonal, ``q = 1``), and once more one channel off the multiple of ``q`` nearest half its width on
+  the input side, the output side and both (the staircase's penalty, ``LayerTable.penalty``).
+  ``T_L(n_in, n_out)`` interpolates the grid (bilinear; linear for a group conv) at the counts
+  rounded up to multiples of ``q``, times the penalty where a count is off a multiple; the grid's
   times are first made non-decreasing in the channel counts (:func:`monotone`: timing noise never
   makes fewer channels look slower);
-* the whole network is timed at several uniform widths (``uniform_keep``), and
-  ``T(keep) = alpha * sum_L T_L(n_in, n_out) + a + b * memory(keep)`` is fitted to those times: the
-  layers measured alone (``alpha``: how their sum compares with the network's), a fixed cost
-  (``a``: Python, dispatch, post-processing-free heads) and the per-channel work outside the
-  layers (``b``: norms, activations, adds, resampling, which scale with the feature maps).
+* the whole network is timed at several uniform widths (``WIDTHS``: aligned and not), and
+  ``T(keep) = alpha * sum_L T_L(n_in, n_out) + a + b * memory(keep)`` is fitted to those times in
+  relative error: the layers measured alone (``alpha``: how their sum compares with the network's),
+  a fixed cost (``a``: Python, dispatch, post-processing-free heads) and the per-channel work outside
+  the layers (``b``: norms, activations, adds, resampling, which scale with the feature maps).
 
-Removing channel ``c`` saves ``T(keep) - T(keep without c)``: the interpolated drop of every layer
-that reads or writes it plus ``b`` times its feature-map elements (:meth:`LatencyModel.saving`).
+Removing channel ``c`` saves, in every layer that reads or writes it, the layer's predicted drop
+from its count now to the next multiple of ``q`` below, shared by the channels that must go to get
+there (with ``q = 1``: exactly the drop of the total when ``c`` alone goes), plus ``b`` times its
+feature-map elements (:meth:`LatencyModel.saving`). One channel off a full block saves nothing on a
+staircase; the amortised saving lets the greedy decision see the block that removing it starts.
 Timings are cached per device, torch version, thread count and layer shape
 (``~/.cache/mmfisher/latency.json``, or ``$MMFISHER_CACHE_DIR``), so a second run measures nothing.
 On CUDA, every timed run is bracketed by ``torch.cuda.synchronize()``.
@@ -43,7 +55,9 @@ from .cost import CostModel
 from .groups import CouplingGraph
 
 GRID = (0.25, 0.5, 0.75, 1.0)         # fractions of a layer's own channel counts (plus 1 position)
-WIDTHS = (1.0, 0.8, 0.6, 0.4)          # uniform widths the whole network is timed at
+WIDTHS = (1.0, 0.8, 0.75, 0.6, 0.4)    # uniform widths the whole network is timed at (0.75: on the quantum)
+QUANTA = (2, 4, 8, 16, 32, 64)         # channel quanta the probe tries, smallest first
+JUMP = 1.2                             # a step: one channel past a multiple costs this factor more
 
 
 # --------------------------------------------------------------------------- #
@@ -138,6 +152,28 @@ def _signature(m: nn.Module) -> str:
             f'mode={getattr(m, "padding_mode", "zeros")}')
 
 
+def detect_quantum(device: torch.device, dev: str, cache: 'TimingCache', size: int = 28, pairs: int = 3) -> int:
+    """The device's channel quantum: the smallest ``q`` in :data:`QUANTA` such that a 3x3 conv (``size`` x
+    ``size``, as many channels in as out) with one channel more than an odd multiple of ``q`` takes at least
+    :data:`JUMP` times as long (median of ``pairs`` odd multiples from 40 channels on); 1 if none does.
+
+    Odd multiples, so that a device with ``q = 16`` is not taken for 32 (32 and 96 are multiples of 16
+    too) nor for 8 (40, 56 and 72 are not)."""
+    def t(c: int) -> float:
+        def run_it():
+            conv = nn.Conv2d(c, c, 3, padding=1).to(device).eval()
+            x = torch.randn(1, c, size, size, device=device)
+            return time_ms(lambda: conv(x), device, min_ms=30.0, min_runs=5)
+        return cache.get(f'{dev}|probe conv3x3 {size}x{size}|channels={c}', run_it)
+
+    for q in QUANTA:
+        odd = [q * k for k in range(1, 64, 2) if q * k >= 40][:pairs]
+        jumps = [t(c + 1) / t(c) for c in odd]
+        if statistics.median(jumps) >= JUMP:
+            return q
+    return 1
+
+
 # --------------------------------------------------------------------------- #
 # one layer's table
 # --------------------------------------------------------------------------- #
@@ -145,7 +181,11 @@ def _signature(m: nn.Module) -> str:
 class LayerTable:
     """``times[i, j]``: ms of one layer (summed over its calls) with ``in_grid[i]`` input and
     ``out_grid[j]`` output positions. A group conv has one grid, ``groups`` (its own group count at
-    each point), and ``times`` of shape ``[len(groups)]``."""
+    each point), and ``times`` of shape ``[len(groups)]``.
+
+    ``quantum``: the device's channel quantum the grid is on (see :func:`detect_quantum`); a count
+    between multiples is predicted at the multiple above it times ``penalty``, the measured factor for
+    the input count, the output count or both being off a multiple."""
 
     name: str
     in_grid: torch.Tensor          # [I] float64, ascending
@@ -153,26 +193,57 @@ class LayerTable:
     times: torch.Tensor            # [I, O] or [G]
     groups: Optional[torch.Tensor] = None   # [G] group counts (group convs)
     opg: int = 1                   # output positions per group
+    quantum: int = 1
+    penalty: Tuple[float, float, float] = (1.0, 1.0, 1.0)   # (input off, output off, both off)
 
     def __post_init__(self) -> None:
         self.times = monotone(self.times)
+
+    def _snap(self, grid: torch.Tensor, n: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``n`` rounded up to a multiple of the quantum (at most the layer's full count), and where it moved."""
+        up = torch.minimum(torch.ceil(n / self.quantum) * self.quantum, grid[-1])
+        return up, up != n
 
     def predict(self, n_in: torch.Tensor, n_out: torch.Tensor) -> torch.Tensor:
         """ms at ``n_in`` input and ``n_out`` output positions (float64 tensors of one shape)."""
         if self.groups is not None:
             return interp1(self.groups, self.times, n_out / self.opg)
-        return interp2(self.in_grid, self.out_grid, self.times, n_in, n_out)
+        if self.quantum <= 1:
+            return interp2(self.in_grid, self.out_grid, self.times, n_in, n_out)
+        p_in, off_in = self._snap(self.in_grid, n_in)
+        p_out, off_out = self._snap(self.out_grid, n_out)
+        base = interp2(self.in_grid, self.out_grid, self.times, p_in, p_out)
+        pi, po, pb = (torch.tensor(v, dtype=torch.float64) for v in self.penalty)
+        one = torch.ones((), dtype=torch.float64)
+        factor = torch.where(off_in & off_out, pb, torch.where(off_in, pi, torch.where(off_out, po, one)))
+        return base * factor
+
+    def steps_to_quantum(self, n_in: torch.Tensor, n_out: torch.Tensor, d_in: torch.Tensor,
+                         d_out: torch.Tensor) -> torch.Tensor:
+        """How many removals of ``(d_in, d_out)`` positions take the layer from ``(n_in, n_out)`` to the next
+        multiple of the quantum below on a side it touches (at least 1; the lowest grid count bounds it);
+        all ones with ``quantum = 1`` and for group convs."""
+        k = torch.ones_like(d_in)
+        if self.quantum <= 1 or self.groups is not None:
+            return k
+        inf = torch.full_like(d_in, float('inf'))
+        for n, d, grid in ((n_in, d_in, self.in_grid), (n_out, d_out, self.out_grid)):
+            target = torch.clamp(torch.floor((n - d) / self.quantum) * self.quantum, min=float(grid[0]))
+            side = torch.where(d > 0, torch.floor((n - target) / d.clamp_min(1)), inf)
+            inf = torch.minimum(inf, side)
+        return torch.where(torch.isfinite(inf), inf, k).clamp_min(1)
 
     def state(self) -> Dict[str, Any]:
         return {'name': self.name, 'in_grid': self.in_grid.tolist(), 'out_grid': self.out_grid.tolist(),
                 'times': self.times.tolist(), 'groups': None if self.groups is None else self.groups.tolist(),
-                'opg': self.opg}
+                'opg': self.opg, 'quantum': self.quantum, 'penalty': list(self.penalty)}
 
     @classmethod
     def from_state(cls, s: Dict[str, Any]) -> 'LayerTable':
         t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
         return cls(s['name'], t(s['in_grid']), t(s['out_grid']), t(s['times']),
-                   None if s['groups'] is None else t(s['groups']), int(s['opg']))
+                   None if s['groups'] is None else t(s['groups']), int(s['opg']), int(s.get('quantum', 1)),
+                   tuple(float(v) for v in s.get('penalty', (1.0, 1.0, 1.0))))
 
 
 def monotone(times: torch.Tensor) -> torch.Tensor:
@@ -216,13 +287,24 @@ def interp2(gx: torch.Tensor, gy: torch.Tensor, values: torch.Tensor, x: torch.T
             + values[i, j + 1] * (1 - wx) * wy + values[i + 1, j + 1] * wx * wy)
 
 
-def _grid(n: int, fixed: int = 0, unit: int = 1) -> List[int]:
+def _grid(n: int, fixed: int = 0, unit: int = 1, quantum: int = 1) -> List[int]:
     """Counts to time a side of ``n`` positions at, ``fixed`` of which are never pruned: the GRID fractions
-    of ``n``, in whole units, and the fewest it can keep (one unit besides the fixed ones)."""
+    of ``n``, in whole units, snapped to multiples of ``quantum`` (see :func:`detect_quantum`), and the
+    fewest it can keep (one unit besides the fixed ones)."""
     if fixed >= n:
         return [n]
     units, low = max(1, n // unit), max(1, -(-fixed // unit) + (1 if fixed % unit == 0 else 0))
+    if quantum > 1 and unit == 1:
+        snapped = {max(low, quantum, quantum * int(round(f * n / quantum))) for f in GRID}
+        return sorted({min(c, n) for c in snapped} | {low, n})
     return sorted({max(low, int(round(f * units))) * unit for f in GRID} | {low * unit})
+
+
+def _mid(grid: List[int], quantum: int) -> Optional[int]:
+    """The multiple of ``quantum`` in ``grid`` nearest half its largest count that has room for one
+    channel fewer (where a layer's staircase penalty is timed); None on a side with one count."""
+    options = [c for c in grid if c % quantum == 0 and c - 1 >= grid[0] and c > grid[0]]
+    return min(options, key=lambda c: (abs(c - grid[-1] / 2), c)) if len(grid) > 1 and options else None
 
 
 # --------------------------------------------------------------------------- #
@@ -265,7 +347,9 @@ class LatencyModel:
         return self.alpha * layers + self.fixed + self.per_memory * memory
 
     def saving(self, keep: torch.Tensor) -> torch.Tensor:
-        """``[num_channels]`` float64: the predicted ms that removing each channel alone saves now."""
+        """``[num_channels]`` float64: the predicted ms that removing each channel saves now: with quantum 1,
+        what removing it alone saves; on a staircase, its share of the drop to the next multiple of the
+        quantum below in every layer it is in (see module docstring)."""
         U = self.cost.num_channels
         alive = self.cost.alive(keep)
         out = torch.zeros(U + 1, dtype=torch.float64)
@@ -278,10 +362,13 @@ class LatencyModel:
             touched = touched[touched < U]
             if not touched.numel():
                 continue
-            # a channel on both sides (a whole group of a group conv) loses both at once
-            after = t.predict(n_in - d_in[touched], n_out - d_out[touched])
+            # a channel on both sides (a whole group of a group conv) loses both at once; on a staircase
+            # (quantum > 1) the drop to the next multiple below is shared by the k channels it takes
+            di, do = d_in[touched], d_out[touched]
+            k = t.steps_to_quantum(n_in, n_out, di, do)
+            after = t.predict(n_in - k * di, n_out - k * do)
             now = t.predict(n_in.view(1), n_out.view(1))
-            out.index_add_(0, touched, self.alpha * (now - after))
+            out.index_add_(0, touched, self.alpha * (now - after) / k)
         return out[:U] + self.per_memory * self.cost.saving('memory', keep)
 
     # ---- state --------------------------------------------------------- #
@@ -300,9 +387,11 @@ class LatencyModel:
     def measure(cls, model: nn.Module, graph: CouplingGraph, forward_of: Callable[[nn.Module], Callable[[], Any]],
                 cost: Optional[CostModel] = None, device: Optional[torch.device] = None,
                 cache: Optional[TimingCache] = None, log: Callable[[str], None] = lambda s: None,
-                widths: Sequence[float] = WIDTHS, repeats: int = 3, rounds: int = 3) -> 'LatencyModel':
-        """Time every layer alone and the network at ``widths`` (``rounds`` interleaved rounds of ``repeats``
-        runs each, the median of the rounds), then fit (see module docstring).
+                widths: Sequence[float] = WIDTHS, repeats: int = 3, rounds: int = 3,
+                quantum: Optional[int] = None) -> 'LatencyModel':
+        """Find the device's channel quantum (unless given: ``quantum=1`` turns the staircase off), time every
+        layer alone and the network at ``widths`` (``rounds`` interleaved rounds of ``repeats`` runs each, the
+        median of the rounds), then fit (see module docstring).
 
         ``forward_of(m)``: a callable running the network ``m`` (the same architecture, possibly shrunk)
         on the analysis input, e.g. ``lambda m: example_forward(m, (1, 3, 320, 320))``.
@@ -317,17 +406,25 @@ class LatencyModel:
         cache = cache or TimingCache()
         dev = device_name(device)
         t0 = time.perf_counter()
+        if quantum is None:
+            quantum = detect_quantum(device, dev, cache)
+            log(f'latency model: channel quantum of {dev}: {quantum} (a 3x3 conv slows by {JUMP:.2f}x or more one '
+                f'channel past its multiples)' if quantum > 1 else
+                f'latency model: no channel quantum on {dev} (times are smooth in the channel counts)')
+        if int(quantum) < 1:
+            raise ValueError(f'quantum={quantum} must be a positive channel count (1: no staircase)')
+        quantum = int(quantum)
         tables = []
         for k, L in enumerate(cost.layers):
             rec = graph.records[L.name]
-            tables.append(_measure_layer(rec, L, graph.prunable, device, dev, cache))
+            tables.append(_measure_layer(rec, L, graph.prunable, device, dev, cache, quantum))
             if (k + 1) % 10 == 0 or k + 1 == len(cost.layers):
                 log(f'latency model: {k + 1}/{len(cost.layers)} layers timed on {dev} '
                     f'({cache.measured} new timings, {time.perf_counter() - t0:.0f} s)')
         # the network at several uniform widths, timed in interleaved rounds (the median of each network's
         # rounds): timed one after another, this CPU's drift of 10-20% between minutes went into the fit
         # (at 640x640 the full network once measured 1070 ms and width 0.8 1037 ms)
-        measured = {'widths': [], 'ms': [], 'layers_ms': [], 'memory': []}
+        measured = {'widths': [], 'ms': [], 'layers_ms': [], 'memory': [], 'quantum': quantum}
         full = torch.ones(graph.num_channels, dtype=torch.bool)
         provisional = cls(cost, tables, (1.0, 0.0, 0.0), dev)
         was_training = model.training
@@ -357,7 +454,8 @@ class LatencyModel:
 
 
 def fit(measured: Dict[str, List[float]]) -> Tuple[float, float, float]:
-    """``(alpha, a, b)`` of ``ms = alpha * layers_ms + a + b * memory``, least squares, all >= 0."""
+    """``(alpha, a, b)`` of ``ms = alpha * layers_ms + a + b * memory``, least squares in relative error (a
+    narrow network's 10% counts as much as the full one's), all >= 0."""
     T = torch.tensor(measured['ms'], dtype=torch.float64)
     S = torch.tensor(measured['layers_ms'], dtype=torch.float64)
     M = torch.tensor(measured['memory'], dtype=torch.float64)
@@ -371,17 +469,18 @@ def fit(measured: Dict[str, List[float]]) -> Tuple[float, float, float]:
         if len(use) > T.numel():
             continue
         A = torch.stack([cols[n] for n in use], 1)
-        sol = torch.linalg.lstsq(A, T[:, None]).solution.flatten()
+        sol = torch.linalg.lstsq(A / T[:, None], torch.ones_like(T)[:, None]).solution.flatten()
         if (sol < 0).any():
             continue
-        err = float(((A @ sol) - T).pow(2).sum())
+        err = float(((A @ sol) / T - 1).pow(2).sum())
         if best is None or err < best[0] - 1e-12:
             best = (err, dict(zip(use, sol.tolist())))
     coef = best[1] if best else {'alpha': 1.0}
     return coef.get('alpha', 0.0), coef.get('a', 0.0), coef.get('b', 0.0) / m_scale
 
 
-def _measure_layer(rec, L, prunable: torch.Tensor, device: torch.device, dev: str, cache: TimingCache) -> LayerTable:
+def _measure_layer(rec, L, prunable: torch.Tensor, device: torch.device, dev: str, cache: TimingCache,
+                   quantum: int = 1) -> LayerTable:
     """Time one layer alone at its grid of channel counts, with the input shape of each of its calls in
     the analysis (the network is timed on the same input), summed over the calls."""
     m = rec.module
@@ -415,10 +514,22 @@ def _measure_layer(rec, L, prunable: torch.Tensor, device: torch.device, dev: st
         times = [timed(k * ipg, k * opg, k) for k in counts]
         t = torch.tensor(counts, dtype=torch.float64)
         return LayerTable(L.name, t * ipg, t * opg, torch.tensor(times, dtype=torch.float64), t, opg)
-    gi, go = _grid(n_in, fixed_in), _grid(n_out, fixed_out)
+    gi, go = _grid(n_in, fixed_in, quantum=quantum), _grid(n_out, fixed_out, quantum=quantum)
     times = [[timed(ci, co, 1) for co in go] for ci in gi]
+    penalty = (1.0, 1.0, 1.0)
+    mi, mo = _mid(gi, quantum), _mid(go, quantum)
+    if quantum > 1 and (mi or mo):
+        # one channel off the multiple, on each side and on both: what the staircase charges for it
+        ci, co = mi or gi[-1], mo or go[-1]
+        base = timed(ci, co, 1)
+        clamp = lambda r: min(4.0, max(0.5, r))  # noqa: E731
+        p_in = clamp(timed(ci - 1, co, 1) / base) if mi else 1.0
+        p_out = clamp(timed(ci, co - 1, 1) / base) if mo else 1.0
+        p_both = clamp(timed(ci - 1, co - 1, 1) / base) if mi and mo else max(p_in, p_out)
+        penalty = (p_in, p_out, p_both)
     return LayerTable(L.name, torch.tensor(gi, dtype=torch.float64), torch.tensor(go, dtype=torch.float64),
-                      torch.tensor(times, dtype=torch.float64))
+                      torch.tensor(times, dtype=torch.float64), quantum=quantum, penalty=penalty)
 
 
-__all__ = ['LatencyModel', 'LayerTable', 'TimingCache', 'time_ms', 'device_name', 'interp1', 'interp2', 'fit', 'monotone']
+__all__ = ['LatencyModel', 'LayerTable', 'TimingCache', 'time_ms', 'device_name', 'detect_quantum', 'interp1',
+           'interp2', 'fit', 'monotone']
