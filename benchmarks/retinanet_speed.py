@@ -13,8 +13,8 @@
    ``--channels-per-step`` channels (still chosen globally, costs re-measured after each removal).
 2. Prunes once more with -L to a latency target: ``target=('latency', --latency-target)`` at the
    first size; the question is how many FLOPs it keeps against -M at the same measured latency.
-3. Writes two more variants: -M with every group's channel count rounded up to a multiple of 8,
-   and the uniformly narrower model with 50% of the FLOPs (``tools/analysis_tools/uniform_spec.py``).
+3. Writes more variants: -M with every group's channel count rounded up to a multiple of 8 and of 16
+   (this CPU's channel quantum), and the uniformly narrower model with 50% of the FLOPs (``tools/analysis_tools/uniform_spec.py``).
 4. Runs ``tools/benchmark.py`` once with all of them (unpruned first), side by side in one process,
    batch 1, timed in turns at every size, and writes ``speed.md`` with the table to the work dir.
 
@@ -152,6 +152,9 @@ def main(argv=None):
     spec8 = osp.join(work, 'spec_memory_round8.json')
     ratios8 = rounded_spec(m_dir, 8, spec8)
     variants['-M, rounded to 8'] = (variant_config(work, 'pruned_memory_round8', spec8), 'none')
+    spec16 = osp.join(work, 'spec_memory_round16.json')
+    ratios16 = rounded_spec(m_dir, 16, spec16)
+    variants['-M, rounded to 16'] = (variant_config(work, 'pruned_memory_round16', spec16), 'none')
     variants['uniform'] = (variant_config(work, 'uniform_flops50', uniform_variant(work)), 'none')
 
     out_json = osp.join(work, 'bench_' + '_'.join(args.sizes) + f'_r{args.repeats}.json')
@@ -206,8 +209,8 @@ def main(argv=None):
                  f'at that measured latency.' if m_flops is not None else
                  f'that latency is outside the range of -M\'s three models ({pts[0][0]:.0f}-{pts[-1][0]:.0f} ms), '
                  f'so no -M FLOPs figure is interpolated.'),
-              '', f'Rounding to multiples of 8 gives back channels: FLOPs ratio of the rounded -M model by the '
-              f'pruner\'s cost model {ratios8["flops"]:.3f}.']
+              '', f'Rounding up to multiples of 8 or 16 gives back channels: FLOPs ratio of the rounded -M models by '
+              f'the pruner\'s cost model {ratios8["flops"]:.3f} and {ratios16["flops"]:.3f}.']
     text = '\n'.join(lines) + '\n'
     with open(osp.join(work, 'speed.md'), 'w') as f:
         f.write(text)

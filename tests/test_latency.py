@@ -257,3 +257,63 @@ def test_the_pruner_needs_a_latency_model_for_latency_and_prunes_to_a_latency_ta
     assert state['latency']['tables'] == lat.state_dict()['tables']
     with pytest.raises(ValueError, match='latency cannot fall to 0.010'):
         GroupFisherPruner(model, graph, target=('latency', 0.01), latency=lat)
+
+
+def test_the_hook_refuses_a_quantum_that_is_not_a_channel_count():
+    from mmfisher.openmmlab.hooks import FisherPruningHook
+    with pytest.raises(ValueError, match=r'latency_quantum=0 must be a positive channel count \(1: no staircase'):
+        FisherPruningHook(normalization='latency', latency_quantum=0)
+    assert FisherPruningHook(normalization='latency', latency_quantum=16).latency_quantum == 16
+
+
+def staircase_latency(model, graph, q=4):
+    """Known tables (ms = in * out / 1000) on multiples of ``q``, one channel past a multiple 20% slower."""
+    cost = CostModel(model, graph)
+    tables = []
+    for L in cost.layers:
+        n_in, n_out = L.in_idx.numel(), L.out_idx.numel()
+        gi = torch.tensor(sorted({1, n_in, *range(q, n_in, q)}), dtype=torch.float64)
+        go = torch.tensor(sorted({1, n_out, *range(q, n_out, q)}), dtype=torch.float64)
+        t = gi[:, None] * go[None, :] / 1000
+        tables.append(LayerTable(L.name, gi, go, t) if L.grouped else
+                      LayerTable(L.name, gi, go, t, quantum=q, penalty=(1.2, 1.2, 1.4)))
+    return LatencyModel(cost, tables, (1.0, 0.0, 0.0), 'synthetic')
+
+
+def test_latency_pruning_on_a_staircase_removes_the_block_to_the_next_multiple(measured):
+    """The first decision against the slow reference: in every group, the least important channels that
+    take it to the next multiple of 4 below; the block with the least summed Fisher over summed saving.
+    Then every decision leaves every group on a multiple of 4 (or at its last channel)."""
+    from test_pruner import set_fisher
+    model, _, _, _ = measured
+    model = copy.deepcopy(model)
+    graph = analyse(model, torch.randn(1, 3, 16, 16))
+    lat = staircase_latency(model, graph)
+    assert lat.quantum == 4
+    pruner = GroupFisherPruner(model, graph, normalization='latency', latency=lat).attach()
+    assert pruner.block_quantum == 4
+    assert GroupFisherPruner(model, graph, normalization='memory', latency=lat).block_quantum == 1
+    fisher = torch.rand(graph.num_channels, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    c3 = graph.group('c3')
+    fisher[c3.offset:c3.offset + c3.size] += 10.0      # its one-channel block would go first otherwise
+    set_fisher(pruner, fisher.clone())
+    saving = lat.saving(pruner.keep)
+    best = None
+    for g in graph.groups:
+        if not g.prunable:
+            continue
+        chans = sorted(range(g.offset, g.offset + g.size), key=lambda c: float(fisher[c] / saving[c]))
+        block = chans[:g.size - max(1, (g.size - 1) // 4 * 4)]
+        score = sum(float(fisher[c]) for c in block) / sum(float(saving[c]) for c in block)
+        if best is None or score < best[0]:
+            best = (score, sorted(block))
+    removed = pruner.step(1)
+    assert sorted(e['channel'] for e in removed) == best[1] and len(removed) > 1
+    for _ in range(20):
+        set_fisher(pruner, fisher.clone())
+        pruner.step(1)
+        for g in graph.groups:
+            if g.prunable:
+                n = int(pruner.keep[g.offset:g.offset + g.size].sum())
+                assert n == g.size or n % 4 == 0 or n == 1, (g.name, n)
+    assert pruner.status == 'exhausted'

@@ -325,6 +325,7 @@ class LatencyModel:
                 raise ValueError(f'latency table for {t.name!r} where the model has layer {L.name!r}: this latency '
                                  f'model was measured on another architecture')
         self.alpha, self.fixed, self.per_memory = (float(c) for c in coef)
+        self.quantum = max((t.quantum for t in self.tables), default=1)   # the device's channel step
         self.device = device
         self.measured = measured or {}      # the network timings the fit used
         self.original = self.total(torch.ones(cost.num_channels, dtype=torch.bool))

@@ -14,6 +14,13 @@
 A step removes, globally, the channel with the lowest ``Fisher / saving``
 (``saving``: memory, FLOPs or 1), never one whose removal would leave any layer
 with fewer than ``min_channels`` channels, then resets the accumulated Fisher.
+
+With latency normalisation on a device whose kernels work in blocks of ``q`` channels
+(``LatencyModel.quantum > 1``: a conv one channel past a multiple of 16 is as slow as the next
+multiple on this project's CPU), a decision is a block: the channels that take one group from its
+count to the next multiple of ``q`` below, its least important ones, scored by their summed
+importance over their summed saving. Groups then keep counts on multiples of ``q``, where the
+device is fast, instead of stopping one channel past one.
 """
 from __future__ import annotations
 
@@ -276,28 +283,32 @@ class GroupFisherPruner:
         if valid == 0:
             return self._postpone('no pass with a finite Fisher since the last step')
         removed = []
-        for _ in range(int(num_channels)):
+        while len(removed) < int(num_channels):
             if self.reached():
                 break
             saving = self.cost.saving(self.normalization, self.keep)
             scores = self.scores(importance, evidence, saving)
             tie = saving if self.normalization != 'none' else self.cost.saving('memory', self.keep)
-            chosen = None
-            for ch in self._order(scores, tie).tolist():
-                if not torch.isfinite(scores[ch]):
-                    break
-                if self._fits(ch, self._alive_pos):
-                    chosen = ch
-                    break
+            order = self._order(scores, tie)
+            chosen = self._best_block(order, scores, importance, saving) if self.block_quantum > 1 else None
             if chosen is None:
+                chosen = []
+                for ch in order.tolist():
+                    if not torch.isfinite(scores[ch]):
+                        break
+                    if self._fits(ch, self._alive_pos):
+                        chosen = [ch]
+                        break
+            if not chosen:
                 break
-            self.keep[chosen] = False
-            self._take(chosen, self._alive_pos)
-            g = self.graph.groups[self.graph.group_index(chosen)]
-            entry = {'step': self.steps, 'channel': chosen, 'group': g.name, 'index': chosen - g.offset,
-                     'score': float(scores[chosen]), 'importance': float(importance[chosen])}
-            self.history.append(entry)
-            removed.append(entry)
+            for ch in chosen:
+                self.keep[ch] = False
+                self._take(ch, self._alive_pos)
+                g = self.graph.groups[self.graph.group_index(ch)]
+                entry = {'step': self.steps, 'channel': ch, 'group': g.name, 'index': ch - g.offset,
+                         'score': float(scores[ch]), 'importance': float(importance[ch])}
+                self.history.append(entry)
+                removed.append(entry)
         if not removed:
             return self._postpone('no removable channel got a gradient signal since the last step')
         if self.criterion.uses_fisher and all(e['importance'] == 0.0 for e in removed):
@@ -309,6 +320,42 @@ class GroupFisherPruner:
         self.consumers.set_keep(self.keep)
         self.fisher.reset()
         return removed
+
+    @property
+    def block_quantum(self) -> int:
+        """The channel block a decision removes: the latency model's quantum under latency normalisation, else 1."""
+        lat = self.cost.latency
+        return lat.quantum if self.normalization == 'latency' and lat is not None else 1
+
+    def _best_block(self, order: torch.Tensor, scores: torch.Tensor, importance: torch.Tensor,
+                    saving: torch.Tensor) -> Optional[List[int]]:
+        """The block with the least summed importance over summed saving: in every group, its removable
+        channels (by ``order``: least important first) that take its kept count to the next multiple of
+        the quantum below (fewer where ``min_channels`` or the removable channels run out). Groups are
+        compared in the order of their best channel, so ties go the way :meth:`_order` sends them."""
+        q = self.block_quantum
+        kept = {}
+        best = None
+        for ch in order.tolist():
+            if not torch.isfinite(scores[ch]):
+                break
+            gi = self.graph.group_index(ch)
+            if gi not in kept:
+                g = self.graph.groups[gi]
+                n = int(self.keep[g.offset:g.offset + g.size].sum())
+                # channels to the multiple below; positions left per array, as if this block went
+                kept[gi] = [max(1, n - max(1, (n - 1) // q * q)), [], self._alive_pos.clone()]
+            want, block, alive = kept[gi]
+            if len(block) < want and self._fits(ch, alive):
+                self._take(ch, alive)        # the block's own channels count against min_channels
+                block.append(ch)
+        for gi, (want, block, _) in kept.items():
+            if not block:
+                continue
+            score = float(importance[block].double().sum()) / max(float(saving[block].sum()), 1e-12)
+            if best is None or score < best[0]:
+                best = (score, block)
+        return best[1] if best else None
 
     def _postpone(self, reason: str) -> List[Dict[str, Any]]:
         self.status = 'postponed'

@@ -138,6 +138,10 @@ class FisherPruningHook(Hook):
             (default: the padded size of the first training sample after the data preprocessor).
         round_to: when writing a pruned checkpoint, round every group's channel count up to a
             multiple of this (8, 16, 32: faster kernels), giving back the last removed channels.
+        latency_quantum: the channel quantum of the latency model (-L, latency targets): None (default)
+            finds it on the training device with a short probe (16 on this project's CPU: a conv one channel
+            past a multiple of 16 is as slow as the next multiple), 1 turns the staircase off, another count
+            fixes it (a deployment device's known block size).
         importance: what channels are ranked by: 'fisher' (default, Group Fisher), 'l1' (filter L1
             norm), 'random', or ``dict(type=name, **options)`` of a criterion registered with
             :func:`mmfisher.core.criteria.register_criterion` (e.g. ``dict(type='random', seed=1)``).
@@ -158,7 +162,8 @@ class FisherPruningHook(Hook):
                  save_ratios: Sequence[float] = (), channels_per_step: int = 1, min_channels: int = 1,
                  stop_at_target: bool = True, internal_only: bool = False, exclude: Sequence[str] = (),
                  frozen_every: Optional[int] = None, input_shape: Optional[Sequence[int]] = None,
-                 round_to: Optional[int] = None, importance: Any = 'fisher') -> None:
+                 round_to: Optional[int] = None, importance: Any = 'fisher',
+                 latency_quantum: Optional[int] = None) -> None:
         if int(interval) < 1:
             raise ValueError(f'interval={interval} must be a positive number of iterations')
         if normalization not in NORMALIZATIONS:
@@ -193,6 +198,10 @@ class FisherPruningHook(Hook):
         if round_to is not None and int(round_to) < 1:
             raise ValueError(f'round_to={round_to} must be a positive channel count (e.g. 8, 16, 32)')
         self.round_to = int(round_to) if round_to else None
+        if latency_quantum is not None and int(latency_quantum) < 1:
+            raise ValueError(f'latency_quantum={latency_quantum} must be a positive channel count (1: no staircase; '
+                             f'None: found on the device)')
+        self.latency_quantum = None if latency_quantum is None else int(latency_quantum)
         self.importance = build_criterion(importance).options()     # checked now, built per pruner
         self.pruner: Optional[GroupFisherPruner] = None
         self.saved: Dict[str, str] = {}      # '%.4f' % ratio -> file written
@@ -253,6 +262,8 @@ class FisherPruningHook(Hook):
         for g in graph.groups:
             if not g.prunable and g.reasons != ['model output']:
                 runner.logger.info(f'[mmfisher] not pruned: {g.name} ({g.reasons[0]})')
+        for copy_name, source in graph.mirrors:
+            runner.logger.info(f'[mmfisher] {copy_name} is an averaged copy of {source}: it loses the same channels')
         for err in graph.skipped:
             runner.logger.warning(f'[mmfisher] the analysis\'s loss on a generated batch failed ({err}); '
                                   f'branches only training runs may be missing from the analysis')
@@ -292,7 +303,8 @@ class FisherPruningHook(Hook):
             t0 = time.perf_counter()
             shape = (1, 3) + tuple(self.analysis_shape)
             lat = LatencyModel.measure(model, graph, lambda m: example_forward(m, shape), cost=CostModel(model, graph),
-                                       log=lambda s: runner.logger.info(f'[mmfisher] {s}'))
+                                       log=lambda s: runner.logger.info(f'[mmfisher] {s}'),
+                                       quantum=self.latency_quantum)
             runner.logger.info(f'[mmfisher] latency model measured in {time.perf_counter() - t0:.0f} s: '
                                f'{lat.original:.1f} ms predicted for the unpruned network, of which {lat.fixed:.1f} '
                                f'ms fixed (layers x{lat.alpha:.2f}, {lat.per_memory * 1e6:.3f} ms per M feature '
