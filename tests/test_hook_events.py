@@ -156,6 +156,27 @@ class TestFisherPruningHook(RunnerTestCase):
         compact.load_state_dict(ckpt['state_dict'], strict=True)
         self.assertLessEqual(ckpt['meta']['mmfisher']['ratios']['flops'], 0.6)
 
+    def test_with_an_ema_hook_the_compact_model_holds_the_averaged_weights(self):
+        """mmengine's EMAHook keeps its average outside the model, and its checkpoints hold the average as
+        ``state_dict``: so does the pruned checkpoint, the average shrunk to the kept channels."""
+        cfg = copy.deepcopy(self.iter_based_cfg)
+        cfg.custom_hooks = [dict(type='SafeCheckpointHook'), dict(type='EMAHook', momentum=0.5), dict(HOOK)]
+        runner = self.build_runner(cfg)
+        runner.train()
+        hook = next(h for h in runner.hooks if type(h).__name__ == 'FisherPruningHook')
+        ema = next(h for h in runner.hooks if type(h).__name__ == 'EMAHook')
+        ckpt = torch.load(hook.saved['0.6000'], weights_only=True)
+        self.assertEqual(ckpt['meta']['mmfisher']['weights'], 'ema')
+        spec = ckpt['meta']['channel_spec']
+        averaged, running = ToyResNet(), ToyResNet()
+        averaged.load_state_dict(ema.ema_model.module.state_dict())
+        running.load_state_dict(runner.model.state_dict())
+        for model in (averaged, running):
+            shrink(model, hook.pruner.graph, spec)
+        for k, v in ckpt['state_dict'].items():
+            self.assertTrue(torch.equal(v, averaged.state_dict()[k]), k)
+        self.assertFalse(all(torch.equal(v, running.state_dict()[k]) for k, v in ckpt['state_dict'].items()))
+
     def test_other_criteria_run_the_same_schedule_and_are_recorded(self):
         for importance in ('l1', dict(type='random', seed=3)):
             with self.subTest(importance=importance):

@@ -4,10 +4,10 @@ The latency model of a network (``LatencyModel.measure``):
 
 * the device's channel quantum ``q`` (:func:`detect_quantum`): CPU and GPU kernels work on blocks
   of channels, so a layer's time is a staircase in its channel counts. On the 2-core AMD EPYC this
-  project is developed on, a 3x3 conv at 80x80 takes 1.8 ms with 48 channels in and out, 3.4-3.8 ms
-  with 49 to 63 and 2.9 ms with 64: ``q = 16``. A short probe (a 3x3 conv timed at ``c`` and ``c + 1``
-  channels for odd multiples ``c`` of each candidate) finds the smallest ``q`` at whose multiples
-  the time jumps; ``q = 1`` where no step shows;
+  project is developed on, a 3x3 conv at 80x80 takes 1.7 ms with 48 channels in and out and 3.2-4.0 ms
+  with 49 to 63 (``benchmarks/latency_model.py`` prints this staircase): ``q = 16``. A short probe
+  (a 3x3 conv timed at ``c`` and ``c + 1`` channels for odd multiples ``c`` of each candidate) finds
+  the smallest ``q`` at whose multiples the time jumps; ``q = 1`` where no step shows;
 * every producing layer (conv, linear) is timed alone on the device, with the input shape of each
   of its calls in the analysis, at a grid of channel counts: input and output positions at 1, 1/4,
   1/2, 3/4 and all of the layer's, snapped to multiples of ``q`` (a group conv: whole groups, on the

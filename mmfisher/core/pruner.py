@@ -16,8 +16,8 @@ A step removes, globally, the channel with the lowest ``Fisher / saving``
 with fewer than ``min_channels`` channels, then resets the accumulated Fisher.
 
 With latency normalisation on a device whose kernels work in blocks of ``q`` channels
-(``LatencyModel.quantum > 1``: a conv one channel past a multiple of 16 is as slow as the next
-multiple on this project's CPU), a decision is a block: the channels that take one group from its
+(``LatencyModel.quantum > 1``: on this project's CPU a 3x3 conv with 49 channels in and out takes about
+twice as long as with 48), a decision is a block: the channels that take one group from its
 count to the next multiple of ``q`` below, its least important ones, scored by their summed
 importance over their summed saving. Groups then keep counts on multiples of ``q``, where the
 device is fast, instead of stopping one channel past one.
@@ -374,9 +374,10 @@ class GroupFisherPruner:
     def channel_spec(self, divisor: Optional[int] = None) -> Dict[str, Any]:
         return make_spec(self.graph, self.export_keep(divisor))
 
-    def export(self, divisor: Optional[int] = None) -> nn.Module:
+    def export(self, divisor: Optional[int] = None, state_dict: Optional[Dict[str, torch.Tensor]] = None) -> nn.Module:
         """A compact copy of the model (the pruner's hooks are not copied); ``divisor`` rounds
-        every group's channel count up to a multiple of it (see :func:`round_keep`)."""
+        every group's channel count up to a multiple of it (see :func:`round_keep`). ``state_dict``: weights
+        of the full-width model to shrink instead of its own (e.g. an exponential moving average of them)."""
         attached = bool(self.consumers._handles)
         self.detach()
         try:
@@ -384,6 +385,8 @@ class GroupFisherPruner:
         finally:
             if attached:
                 self.attach()
+        if state_dict is not None:
+            compact.load_state_dict(state_dict, strict=True)
         return shrink(compact, self.graph, self.export_keep(divisor))
 
     def signature(self) -> Dict[str, Any]:
