@@ -317,3 +317,21 @@ def test_latency_pruning_on_a_staircase_removes_the_block_to_the_next_multiple(m
                 n = int(pruner.keep[g.offset:g.offset + g.size].sum())
                 assert n == g.size or n % 4 == 0 or n == 1, (g.name, n)
     assert pruner.status == 'exhausted'
+
+
+def test_the_block_that_reaches_the_target_stops_there(measured):
+    from test_pruner import set_fisher
+    model, _, _, _ = measured
+    model = copy.deepcopy(model)
+    graph = analyse(model, torch.randn(1, 3, 16, 16))
+    fisher = torch.rand(graph.num_channels, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    for target in (0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5):
+        pruner = GroupFisherPruner(model, graph, normalization='latency', latency=staircase_latency(model, graph),
+                                   target=('flops', target))
+        while not pruner.reached():
+            set_fisher(pruner, fisher.clone())
+            pruner.step(1)
+        assert pruner.ratios()['flops'] <= target
+        back = pruner.keep.clone()
+        back[pruner.history[-1]['channel']] = True          # one channel fewer removed: not there yet
+        assert pruner.cost.ratios(back)['flops'] > target, target

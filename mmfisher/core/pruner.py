@@ -20,7 +20,8 @@ With latency normalisation on a device whose kernels work in blocks of ``q`` cha
 twice as long as with 48), a decision is a block: the channels that take one group from its
 count to the next multiple of ``q`` below, its least important ones, scored by their summed
 importance over their summed saving. Groups then keep counts on multiples of ``q``, where the
-device is fast, instead of stopping one channel past one.
+device is fast, instead of stopping one channel past one; only the block that reaches the target
+may stop part-way (the target is what was asked for).
 """
 from __future__ import annotations
 
@@ -302,6 +303,8 @@ class GroupFisherPruner:
             if not chosen:
                 break
             for ch in chosen:
+                if len(chosen) > 1 and self.reached():
+                    break                    # the target, not the block, ends pruning
                 self.keep[ch] = False
                 self._take(ch, self._alive_pos)
                 g = self.graph.groups[self.graph.group_index(ch)]
