@@ -11,7 +11,8 @@ data (800 train / 200 val images of 160x160), for every seed:
 * at every FLOPs target, pruned from that baseline by ``FisherPruningHook`` (8 channels every 2
   iterations, lr 2e-4) and fine-tuned for ``--ft-iters`` iterations, with the importance criterion
   and normalisation of the row: ``fisher-M`` (the default), ``fisher-F``, ``l1-M`` (filter L1 norm),
-  ``random-M`` (seeded by the seed);
+  ``random-M`` (seeded by the seed), ``fisher-L`` (latency normalisation, its latency model measured
+  on this CPU at the last of ``--sizes``, the deployment size);
 * ``uniform``: every prunable width scaled by one factor so that the FLOPs match the target
   (``tools/analysis_tools/uniform_spec.py``), trained from scratch for as many iterations as the
   fisher-M row had in all (baseline + pruning + fine-tuning);
@@ -48,6 +49,7 @@ METHODS = {                      # name: (importance, normalization)
     'fisher-F': ('fisher', 'flops'),
     'l1-M': ('l1', 'memory'),
     'random-M': ('random', 'memory'),
+    'fisher-L': ('fisher', 'latency'),     # latency model measured at the last --sizes (the deployment size)
 }
 SCHEDULES = {                    # name: (interval, channels_per_step); 'default' is the main rows'
     'default': (2, 8),
@@ -183,6 +185,10 @@ param_scheduler = [
 
     def prune(self, name, baseline, seed, target, importance, normalization, interval, per_step):
         imp = dict(type='random', seed=seed) if importance == 'random' else importance
+        shape = ''
+        if normalization == 'latency':     # the latency model on this CPU at the deployment size
+            h, w = (int(v) for v in self.args.sizes[-1].lower().split('x'))
+            shape = f', input_shape=({h}, {w})'
         text = f"_base_ = [{osp.join(DEMO, 'retinanet_r18_shapes_prune.py')!r}]\n" + self.data_block() + f'''
 load_from = {baseline!r}
 train_cfg = dict(max_iters=100000, val_interval=100000)
@@ -191,7 +197,7 @@ param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False, begin=0, 
 custom_hooks = [
     dict(type='SafeCheckpointHook'),
     dict(type='FisherPruningHook', interval={interval}, target=('flops', {target}), normalization={normalization!r},
-         channels_per_step={per_step!r}, importance={imp!r}, save_ratios=[], stop_at_target=True),
+         channels_per_step={per_step!r}, importance={imp!r}, save_ratios=[], stop_at_target=True{shape}),
 ]
 '''
         pruned = f'pruned_flops_{target:.2f}.pth'

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 ROOT = osp.abspath(osp.join(osp.dirname(__file__), '..'))
-ROWS = ['baseline', 'fisher-M', 'fisher-F', 'l1-M', 'random-M', 'fisher-M arch, re-init', 'uniform',
+ROWS = ['baseline', 'fisher-M', 'fisher-F', 'l1-M', 'random-M', 'fisher-L', 'fisher-M arch, re-init', 'uniform',
         'fisher-M, one shot']
 
 
