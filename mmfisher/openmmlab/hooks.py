@@ -141,7 +141,8 @@ class FisherPruningHook(Hook):
         latency_quantum: the channel quantum of the latency model (-L, latency targets): None (default)
             finds it on the training device with a short probe (16 on this project's CPU: a 3x3 conv with 49
             channels in and out takes about twice as long as with 48), 1 turns the staircase off, another count
-            fixes it (a deployment device's known block size).
+            fixes it (a deployment device's known block size). With a quantum above 1, -L decides in blocks
+            that end on its multiples (:mod:`mmfisher.core.pruner`). A resumed run keeps its latency model.
         importance: what channels are ranked by: 'fisher' (default, Group Fisher), 'l1' (filter L1
             norm), 'random', or ``dict(type=name, **options)`` of a criterion registered with
             :func:`mmfisher.core.criteria.register_criterion` (e.g. ``dict(type='random', seed=1)``).
