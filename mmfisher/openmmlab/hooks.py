@@ -126,7 +126,9 @@ class FisherPruningHook(Hook):
         save_ratios: ratios (of the target resource, above the target) at which to also write a
             pruned checkpoint.
         channels_per_step: channels removed at each pruning step (1 as in the paper), or a fraction in
-            (0, 1) of the channels still removable; chosen globally, costs re-measured after each.
+            (0, 1) of the channels still removable; chosen globally, costs re-measured after each. With -L
+            on a staircase device (``latency_quantum`` above 1) a step removes whole blocks, so it may
+            remove more than this.
         min_channels: no layer keeps fewer channels.
         stop_at_target: end training (cleanly, through the train loop) once the target is reached.
         internal_only: prune only channels inside blocks (the paper's -I).
