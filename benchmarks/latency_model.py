@@ -114,7 +114,7 @@ def main(argv=None):
         nets += [(f'uniform x{wd:.1f}', uniform_keep(graph, wd)) for wd in (0.9, 0.7, 0.5)]
         nets += [(f'random shares in [{low:.1f}, 1]', random_share_keep(graph, low, seed=k))
                  for k, low in enumerate((0.7, 0.5, 0.3, 0.1))]
-        q = int(lat.measured.get('quantum', 1))
+        q = lat.quantum
         if q > 1:
             nets += [(f'random shares in [{low:.1f}, 1], counts on multiples of {q}',
                       on_quantum(graph, random_share_keep(graph, low, seed=k), q))
@@ -127,8 +127,8 @@ def main(argv=None):
                 times[name].append(time_ms(example_forward(net, shape), device, min_runs=args.repeats,
                                            min_ms=0.0, warmup=2))
         print(f'\n{args.config} at {h}x{w}, batch 1, {torch.get_num_threads()} threads ({lat.device}); '
-              f'channel quantum {q}; fit: alpha {lat.alpha:.3f}, fixed {lat.fixed:.1f} ms, {lat.per_memory * 1e6:.3f} ms per 1e6 '
-              f'feature-map elements')
+              f'channel quantum {q}; fit: alpha {lat.alpha:.3f}, fixed {lat.fixed:.1f} ms, '
+              f'{lat.per_memory * 1e6:.3f} ms per 1e6 feature-map elements')
         print('| network | FLOPs | predicted ms | measured ms | error |')
         print('|---|---|---|---|---|')
         for name, keep, _ in compact:

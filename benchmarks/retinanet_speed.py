@@ -14,7 +14,8 @@
 2. Prunes once more with -L to a latency target: ``target=('latency', --latency-target)`` at the
    first size; the question is how many FLOPs it keeps against -M at the same measured latency.
 3. Writes more variants: -M with every group's channel count rounded up to a multiple of 8 and of 16
-   (this CPU's channel quantum), and the uniformly narrower model with 50% of the FLOPs (``tools/analysis_tools/uniform_spec.py``).
+   (this CPU's channel quantum), and the uniformly narrower model with 50% of the FLOPs
+   (``tools/analysis_tools/uniform_spec.py``).
 4. Runs ``tools/benchmark.py`` once with all of them (unpruned first), side by side in one process,
    batch 1, timed in turns at every size, and writes ``speed.md`` with the table to the work dir.
 
