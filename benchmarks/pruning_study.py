@@ -18,6 +18,8 @@ data (800 train / 200 val images of 160x160), for every seed:
   fisher-M row had in all (baseline + pruning + fine-tuning);
 * ``fisher-M arch, re-init``: the architecture fisher-M found, re-initialised and trained from scratch
   as long (Liu et al., "Rethinking the Value of Network Pruning", ICLR 2019);
+* ``baseline, trained as long``: the unpruned network trained from scratch for as many iterations as
+  fisher-M at the first target had in all (what pruning costs in mAP against an equal training budget);
 * at the first target, fisher-M with other schedules: 2 channels every 2 iterations, 32 every 2,
   5% of the removable channels every 2, and one shot (everything after 20 iterations of Fisher).
 
@@ -25,7 +27,9 @@ Every training is ``tools/train.py`` in a subprocess (its final validation gives
 Then, in this process, every distinct architecture is built and measured side by side: params,
 FLOPs and activations from mmengine's analysis, and CPU latency (batch 1, tensor mode, median of
 interleaved runs) at the training size and at 640x640. Writes ``report.md``, ``results.json`` and
-``pruning_study.png`` (mAP against latency, the Pareto front drawn) to the work dir.
+``pruning_study.png`` (mAP against latency, the Pareto front drawn) to the work dir. With two or
+more targets the report adds mAP at equal latency: each method's mAP interpolated linearly between its
+own rows at the latency of every uniform and fisher-M row (never extrapolated).
 
 Every run is cached in ``runs/<name>``: it is redone only when its config or what it starts from
 changed (``--redo`` redoes everything). ``--quick``: a smoke run on 32 images with a few iterations
@@ -176,11 +180,11 @@ param_scheduler = [
             return json.load(f)
 
     # ---------------------------------------------------------------- stages
-    def baseline(self, seed, iters):
+    def baseline(self, seed, iters, name='baseline'):
         text = f"_base_ = [{osp.join(DEMO, 'retinanet_r18_shapes.py')!r}]\n" + self.data_block() + \
             self.schedule(iters, 100, 2e-3, 0.01) + f'randomness = dict(seed={seed})\nload_from = None\n' + \
             ("model = dict(test_cfg=dict(score_thr=0.0))\n" if self.quick else '')
-        d = self.run(f'baseline s{seed}', text, expect=f'iter_{iters}.pth')
+        d = self.run(f'{name} s{seed}', text, expect=f'iter_{iters}.pth')
         return osp.join(d, f'iter_{iters}.pth')
 
     def prune(self, name, baseline, seed, target, importance, normalization, interval, per_step):
@@ -288,6 +292,11 @@ def main(argv=None):
             uni = study.uniform_spec(target)
             d = study.scratch(f'uniform {target} s{seed}', uni, seed, total)
             add('uniform', target, seed, d, uni, total)
+            if target == args.targets[0]:
+                long_total = total
+        # the unpruned network trained as long as fisher-M at the first target: what pruning costs in mAP
+        d = osp.dirname(study.baseline(seed, long_total, name='baseline as long'))
+        add('baseline, trained as long', 1.0, seed, d, None, long_total)
         target = args.targets[0]
         for sched, (interval, per_step) in schedules.items():
             if sched == 'default':
@@ -398,6 +407,18 @@ def write_report(study, rows, measures, args, seconds):
             f'{cell(row["mAP50"])} | {row["params"] / 1e6:.3f} | {row["flops"] / 1e9:.3f} | '
             f'{row["activations"] / 1e6:.2f} | '
             + ' | '.join(cell(row[f'latency@{s}'], '{:.1f}') for s in sizes) + f' | {row["iters"]:.0f} |')
+    refs, curves = equal_latency(table, sizes[-1])
+    if refs:
+        names = list(curves)
+        lines += ['', f'bbox mAP at equal latency ({sizes[-1]}): at the measured latency of each uniform and '
+                  f'fisher-M row, every method\'s mean mAP interpolated linearly between its own two rows '
+                  f'(FLOPs targets) around that latency; "-" where the latency is outside the range its rows span '
+                  f'(no extrapolation).', '',
+                  '| at the latency of | ms | ' + ' | '.join(names) + ' |', '|' + '---|' * (2 + len(names))]
+        for label, lat in refs:
+            cells = [interpolate(curves[n], lat) for n in names]
+            lines.append(f'| {label} | {lat:.1f} | ' + ' | '.join('-' if c is None else f'{c:.3f}' for c in cells)
+                         + ' |')
     png = osp.join(study.work, 'pruning_study.png')
     plot(table, sizes[-1], png)
     lines += ['', f'![mAP against latency at {sizes[-1]}](pruning_study.png)', '']
@@ -409,6 +430,28 @@ def write_report(study, rows, measures, args, seconds):
     return text
 
 
+def equal_latency(table, size):
+    """The methods pruned (or scaled) to two or more FLOPs targets, each as its (latency, mean mAP) points
+    sorted by latency at ``size``, and the reference latencies: those of the uniform and fisher-M rows."""
+    curves = {}
+    for row in table:
+        if row['mAP'][0] is not None and not row['method'].startswith('baseline'):
+            curves.setdefault(row['method'], []).append((row[f'latency@{size}'][0], row['mAP'][0]))
+    curves = {k: sorted(v) for k, v in curves.items() if len(v) >= 2}
+    refs = [(f'{row["method"]} {row["target"]:.2f}', row[f'latency@{size}'][0]) for row in table
+            if row['method'] in ('uniform', 'fisher-M') and row['method'] in curves]
+    return refs, curves
+
+
+def interpolate(points, latency):
+    """mAP at ``latency`` on the piecewise-linear curve through ``points`` [(latency, mAP)] sorted by
+    latency; None outside their range."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x0 <= latency <= x1:
+            return y0 if x1 == x0 else y0 + (y1 - y0) * (latency - x0) / (x1 - x0)
+    return None
+
+
 def plot(table, size, out_png):
     """mAP against latency at ``size``: a point per model (seed range as error bars), the Pareto front."""
     import matplotlib
@@ -417,10 +460,15 @@ def plot(table, size, out_png):
     pts = [(r[f'latency@{size}'], r['mAP'], f'{r["method"]} {r["target"]:.2f}' if r['method'] != 'baseline'
             else 'baseline') for r in table if r['mAP'][0] is not None]
     fig, ax = plt.subplots(figsize=(9, 6))
+    colours = {}
     for (lat, m, label) in pts:
+        method = label.rsplit(' ', 1)[0] if label != 'baseline' else label
+        colour = colours.setdefault(method, f'C{len(colours) % 10}')
         ax.errorbar(lat[0], m[0], xerr=[[lat[0] - lat[1]], [lat[2] - lat[0]]],
-                    yerr=[[m[0] - m[1]], [m[2] - m[0]]], fmt='o', capsize=3)
+                    yerr=[[m[0] - m[1]], [m[2] - m[0]]], fmt='o', capsize=3, color=colour)
         ax.annotate(label, (lat[0], m[0]), fontsize=7, xytext=(4, 3), textcoords='offset points')
+    for method, curve in equal_latency(table, size)[1].items():     # a method's FLOPs targets, joined
+        ax.plot([p[0] for p in curve], [p[1] for p in curve], '-', lw=1, alpha=0.5, color=colours[method])
     front, best = [], -1.0
     for lat, m, _ in sorted(pts, key=lambda p: p[0][0]):
         if m[0] > best:
