@@ -31,8 +31,9 @@ interleaved runs) at the training size and at 640x640. Writes ``report.md``, ``r
 more targets the report adds mAP at equal latency: each method's mAP interpolated linearly between its
 own rows at the latency of every uniform and fisher-M row (never extrapolated).
 
-Every run is cached in ``runs/<name>``: it is redone only when its config or what it starts from
-changed (``--redo`` redoes everything). ``--quick``: a smoke run on 32 images with a few iterations
+Every run is cached in ``runs/<name>``: it is redone only when its config (including the demo configs
+it inherits), or the run it starts from, changed; the key does not depend on where the checkout or the
+work dir lies. A change to mmfisher's or mmdet's code is not seen: ``--redo`` redoes everything. ``--quick``: a smoke run on 32 images with a few iterations
 (for the tests; the numbers mean nothing).
 """
 import argparse
@@ -122,7 +123,8 @@ param_scheduler = [
         """``tools/train.py`` on ``config_text`` in ``runs/<name>``, unless done with the same config and
         inputs. Returns the run directory. ``deps``: files the run reads (their cache keys count)."""
         d = osp.join(self.work, 'runs', name.replace(' ', '_').replace('/', '-').replace('%', 'pc'))
-        key = hashlib.sha256((config_text + ''.join(self._key_of(p) for p in deps)).encode()).hexdigest()
+        key = hashlib.sha256((self._portable(config_text) + self._configs_key()
+                              + ''.join(self._key_of(p) for p in deps)).encode()).hexdigest()
         done = osp.join(d, 'done.json')
         if not self.args.redo and osp.isfile(done):
             with open(done) as f:
@@ -150,6 +152,23 @@ param_scheduler = [
         print(f'[study] {name}: {seconds:.0f} s ' + ', '.join(f'{k} {v}' for k, v in result.items()
                                                             if k.startswith('coco')), flush=True)
         return d
+
+    def _portable(self, text):
+        """``text`` with this checkout's, work dir's and data root's paths replaced by placeholders, so that
+        a cache key does not change with where the repository or the work dir lies."""
+        for path, name in ((self.work, '<work>'), (self.data.rstrip('/'), '<data>'), (ROOT, '<root>')):
+            text = text.replace(path, name)
+        return text
+
+    @staticmethod
+    def _configs_key():
+        """The content of the demo configs every run inherits from."""
+        h = hashlib.sha256()
+        for name in sorted(os.listdir(DEMO)):
+            if name.endswith('.py'):
+                with open(osp.join(DEMO, name), 'rb') as f:
+                    h.update(name.encode() + f.read())
+        return h.hexdigest()
 
     @staticmethod
     def _key_of(path):

@@ -1,13 +1,15 @@
 """The pruning study's smoke run: every kind of row is trained, measured and reported; a second run
-trains nothing (every stage cached), and a changed recipe redoes only what depends on it."""
+trains nothing (every stage cached, even with the work dir and data moved elsewhere), and a changed recipe
+redoes only what depends on it."""
 import json
 import os
 import os.path as osp
+import shutil
 import subprocess
 import sys
 
 ROOT = osp.abspath(osp.join(osp.dirname(__file__), '..'))
-ROWS = ['baseline', 'fisher-M', 'fisher-F', 'l1-M', 'random-M', 'fisher-L', 'fisher-M arch, re-init', 'uniform',
+ROWS = ['baseline', 'baseline, trained as long', 'fisher-M', 'fisher-F', 'l1-M', 'random-M', 'fisher-L', 'fisher-M arch, re-init', 'uniform',
         'fisher-M, one shot']
 
 
@@ -33,13 +35,17 @@ def test_study_quick_reports_every_row_and_caches_its_runs(tmp_path):
             assert abs(r['flops'] / base['flops'] - target) <= 0.02 * target, method
     # the uniform and re-initialised rows train as long as the fisher-M row had in all
     assert table[('uniform', 0.5)]['iters'] == table[('fisher-M', 0.5)]['iters'] == \
-        table[('fisher-M arch, re-init', 0.5)]['iters']
+        table[('fisher-M arch, re-init', 0.5)]['iters'] == table[('baseline, trained as long', 1.0)]['iters']
     n_runs = out.count('===== [study]') - 1           # every training, and the measuring banner
 
-    again = study(tmp_path)
+    moved = tmp_path / 'moved'          # the cache keys hold no absolute path
+    moved.mkdir()
+    shutil.move(str(tmp_path / 'study'), str(moved / 'study'))
+    shutil.move(str(tmp_path / 'data'), str(moved / 'data'))
+    again = study(moved)
     assert again.count(': cached') == n_runs and '===== [study] baseline' not in again
 
     # a longer fine-tuning redoes the fine-tuning runs and what is trained as long; nothing upstream
-    third = study(tmp_path, '--ft-iters', '5')
+    third = study(moved, '--ft-iters', '5')
     assert '[study] baseline s0: cached' in third and '[study] fisher-M 0.5 s0 prune: cached' in third
     assert '===== [study] fisher-M 0.5 s0 =====' in third and '===== [study] uniform 0.5 s0 =====' in third
