@@ -9,10 +9,12 @@ data (800 train / 200 val images of 160x160), for every seed:
 
 * ``baseline``: trained from scratch for ``--base-iters`` iterations (the demo recipe);
 * at every FLOPs target, pruned from that baseline by ``FisherPruningHook`` (8 channels every 2
-  iterations, lr 2e-4) and fine-tuned for ``--ft-iters`` iterations, with the importance criterion
+  iterations, lr 2e-4) and fine-tuned, with the importance criterion
   and normalisation of the row: ``fisher-M`` (the default), ``fisher-F``, ``l1-M`` (filter L1 norm),
   ``random-M`` (seeded by the seed), ``fisher-L`` (latency normalisation, its latency model measured
-  on this CPU at the last of ``--sizes``, the deployment size);
+  on this CPU at the last of ``--sizes``, the deployment size); fisher-M is fine-tuned for
+  ``--ft-iters`` iterations, every other row for as many as make its total (baseline + pruning +
+  fine-tuning) equal to fisher-M's, since criteria reach the target in different numbers of iterations;
 * ``uniform``: every prunable width scaled by one factor so that the FLOPs match the target
   (``tools/analysis_tools/uniform_spec.py``), trained from scratch for as many iterations as the
   fisher-M row had in all (baseline + pruning + fine-tuning);
@@ -301,11 +303,12 @@ def main(argv=None):
                 pruned = study.prune(f'{method} {target} s{seed} prune', base, seed, target, importance, norm,
                                      interval, per_step)
                 p_iters = pruned_iters(pruned)
-                d = study.finetune(f'{method} {target} s{seed}', pruned, seed, args.ft_iters)
-                add(method, target, seed, d, pruned, args.base_iters + p_iters + args.ft_iters)
-                if method == 'fisher-M':
+                if method == 'fisher-M':     # the first: its total is every other row's at this target
                     total = args.base_iters + p_iters + args.ft_iters
                     fisher_spec = pruned
+                ft = max(1, total - args.base_iters - p_iters)
+                d = study.finetune(f'{method} {target} s{seed}', pruned, seed, ft)
+                add(method, target, seed, d, pruned, args.base_iters + p_iters + ft)
             d = study.scratch(f'fisher-M arch re-init {target} s{seed}', fisher_spec, seed, total)
             add('fisher-M arch, re-init', target, seed, d, fisher_spec, total)
             uni = study.uniform_spec(target)

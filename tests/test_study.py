@@ -33,9 +33,10 @@ def test_study_quick_reports_every_row_and_caches_its_runs(tmp_path):
     for (method, target), r in table.items():
         if method != 'baseline':   # FLOPs counted by mmengine, not by mmfisher: the target is met within 2%
             assert abs(r['flops'] / base['flops'] - target) <= 0.02 * target, method
-    # the uniform and re-initialised rows train as long as the fisher-M row had in all
-    assert table[('uniform', 0.5)]['iters'] == table[('fisher-M', 0.5)]['iters'] == \
-        table[('fisher-M arch, re-init', 0.5)]['iters'] == table[('baseline, trained as long', 1.0)]['iters']
+    # every main row trains as long in all (baseline + pruning + fine-tuning, or from scratch) as fisher-M
+    for row in ['fisher-F', 'l1-M', 'random-M', 'fisher-L', 'uniform', 'fisher-M arch, re-init']:
+        assert table[(row, 0.5)]['iters'] == table[('fisher-M', 0.5)]['iters'], row
+    assert table[('baseline, trained as long', 1.0)]['iters'] == table[('fisher-M', 0.5)]['iters']
     n_runs = out.count('===== [study]') - 1           # every training, and the measuring banner
 
     moved = tmp_path / 'moved'          # the cache keys hold no absolute path
