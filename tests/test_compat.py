@@ -30,6 +30,19 @@ def test_the_fallback_is_installed_for_mmpretrain_with_a_proper_module_spec():
     assert 'torchvision_fallback.py' in res.stdout and 'sub torchvision.ops.boxes' in res.stdout
 
 
+def test_mmdet_reid_models_see_mmpretrain_after_register_all_modules():
+    # mmdet's ReID data preprocessor imports mmpretrain when mmdet.models is first imported (importing
+    # mmfisher does it); if that failed once (no torchvision), it refused to build ("mim install mmpretrain")
+    res = python('''
+        from mmfisher.openmmlab import register_all_modules
+        register_all_modules()
+        from mmdet.models.data_preprocessors import reid_data_preprocessor
+        print('mmpretrain seen', reid_data_preprocessor.mmpretrain is not None)
+    ''')
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert 'mmpretrain seen True' in res.stdout
+
+
 def test_a_real_torchvision_is_never_shadowed(tmp_path):
     pkg = tmp_path / 'torchvision'
     pkg.mkdir()

@@ -1,5 +1,15 @@
 """OpenMMLab adapters: analysis of config-built models, the pruning hook, the pruned-model builder."""
-from .handlers import register_openmmlab_handlers
+import importlib.util
+
+from ..compat import torchvision_fallback
+
+if importlib.util.find_spec('mmpretrain') is not None:
+    # before anything imports mmdet.models: mmdet's ReID data preprocessor and models import mmpretrain,
+    # which imports torchvision; a failed import there leaves them refusing to build ("mim install
+    # mmpretrain"). Never shadows a real torchvision (see torchvision_fallback).
+    torchvision_fallback.install()
+
+from .handlers import register_openmmlab_handlers  # noqa: E402
 
 register_openmmlab_handlers()
 

@@ -23,9 +23,9 @@ def register_all_modules() -> None:
     import importlib.util
 
     from ..compat import torchvision_fallback
+    if importlib.util.find_spec('mmpretrain') is not None:
+        torchvision_fallback.install()   # mmpretrain imports torchvision; only it needs the fallback
     for scope in ('mmdet', 'mmpretrain'):
-        if scope == 'mmpretrain' and importlib.util.find_spec('mmpretrain') is not None:
-            torchvision_fallback.install()   # mmpretrain imports torchvision; only it needs the fallback
         try:
             mod = importlib.import_module(f'{scope}.utils')
             mod.register_all_modules(init_default_scope=False)

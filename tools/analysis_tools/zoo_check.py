@@ -197,6 +197,21 @@ def pipeline_batch(cfg, model, n=2, size=256):
     return data['inputs'], data['data_samples']
 
 
+def _replace_norm(node, old, new):
+    """Every ``type=old`` in a config (sub)tree becomes ``type=new``; whether any did."""
+    hit = False
+    if isinstance(node, dict):
+        if node.get('type') == old:
+            node['type'] = new
+            hit = True
+        for v in node.values():
+            hit = _replace_norm(v, old, new) or hit
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            hit = _replace_norm(v, old, new) or hit
+    return hit
+
+
 def check(config, shape, fraction):
     """Everything about one config, as plain data."""
     import copy
@@ -221,6 +236,10 @@ def check(config, shape, fraction):
     torch.manual_seed(0)
     if cfg.get('model', {}).get('teacher_ckpt'):
         cfg.model.teacher_ckpt = None        # knowledge distillation: a random-init teacher, nothing downloaded
+    if _replace_norm(cfg.model, 'MMSyncBN', 'BN'):
+        # mmcv's SyncBN needs a process group to be built and CUDA to train: one CPU process checks the
+        # same network with plain BN, and the row says so
+        row['note'] = "mmcv's MMSyncBN checked as BN"
     model = _step('build', lambda: build_from_config(cfg), harness=True)
     if any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()):
         from mmengine.model import revert_sync_batchnorm
