@@ -20,5 +20,7 @@ setup(
         'numpy',
         'scikit-learn',  # mmdet's PAA head fits a GMM when training
     ],
-    extras_require={'tests': ['pytest>=7', 'onnx', 'onnxruntime'], 'onnx': ['onnx', 'onnxruntime']},
+    extras_require={'tests': ['pytest>=7', 'onnx', 'onnxruntime'], 'onnx': ['onnx', 'onnxruntime'],
+                    # what mmdet's BoxInst and tracking configs import when built (the support matrix)
+                    'zoo': ['scikit-image', 'lap', 'motmetrics']},
 )

@@ -410,11 +410,17 @@ def run_one(package, family, config, args):
 
 
 def source_commit():
-    """The git commit of the mmfisher tree this runs from ('unknown' outside a git checkout)."""
+    """The git commit of the mmfisher tree this runs from, with ``+changes`` when its package or tools differ
+    from that commit ('unknown' outside a git checkout)."""
     try:
         out = subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True,
                              timeout=10)
-        return out.stdout.strip() or 'unknown'
+        commit = out.stdout.strip()
+        if not commit:
+            return 'unknown'
+        dirty = subprocess.run(['git', 'diff', '--quiet', 'HEAD', '--', 'mmfisher', 'tools'], cwd=ROOT,
+                               capture_output=True, timeout=10)
+        return commit + ('+changes' if dirty.returncode == 1 else '')
     except (OSError, subprocess.TimeoutExpired):
         return 'unknown'
 
