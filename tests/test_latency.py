@@ -3,6 +3,10 @@
 How well it predicts measured latency is a benchmark (benchmarks/latency_model.py), not a test:
 timings on a shared machine are noise for a unit test."""
 import copy
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -13,6 +17,8 @@ from mmfisher.core.latency import (LatencyModel, LayerTable, TimingCache, _grid,
                                    monotone)
 from mmfisher.core.pruner import GroupFisherPruner
 from test_pruner import ResNetish, train
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), '..'))
 
 
 def test_interpolation_is_exact_at_the_grid_and_linear_between():
@@ -335,3 +341,25 @@ def test_the_block_that_reaches_the_target_stops_there(measured):
         back = pruner.keep.clone()
         back[pruner.history[-1]['channel']] = True          # one channel fewer removed: not there yet
         assert pruner.cost.ratios(back)['flops'] > target, target
+
+
+def test_timings_keep_freed_memory_so_a_forward_pays_no_page_faults():
+    # glibc maps every block over 32 MB afresh: 64 MB freed and allocated again faults in all 16k pages
+    # with its defaults; after hold_freed_memory (which every timing calls) the heap keeps it
+    code = textwrap.dedent('''
+        import resource, sys, torch
+        from mmfisher.core.latency import hold_freed_memory
+        if sys.argv[1] == 'held':
+            assert hold_freed_memory()
+        def faults():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            x = torch.ones(16 * 1024 * 1024)       # 64 MB, every page written
+            del x
+            return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
+        faults()
+        print(faults())
+    ''')
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    out = {mode: int(subprocess.run([sys.executable, '-c', code, mode], env=env, capture_output=True, text=True,
+                                     check=True).stdout.split()[-1]) for mode in ('default', 'held')}
+    assert out['default'] > 8000 and out['held'] < 100, out

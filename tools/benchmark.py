@@ -90,6 +90,8 @@ def time_onnx(models, x, args) -> dict:
             export_onnx(m, path, tuple(x.shape))
             sessions.append(onnx_session(path, args.threads or 0))
         feed = {'input': x.cpu().numpy().astype(np.float32)}
+        from mmfisher.core.latency import hold_freed_memory
+        hold_freed_memory()      # as for the PyTorch timings
         for _ in range(args.warmup):
             for s in sessions:
                 s.run(None, feed)

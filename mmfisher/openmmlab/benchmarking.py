@@ -54,7 +54,11 @@ def complexity(model: nn.Module, x: torch.Tensor, run: Callable[[], object]) -> 
 
 def interleaved_latency(runs: Sequence[Callable[[], object]], repeats: int = 30, warmup: int = 5,
                         device: str = 'cpu') -> List[Dict[str, float]]:
-    """Per run: ``{'latency_ms'`` (median), ``'spread_ms'`` (interquartile range)``}``, timed in turns."""
+    """Per run: ``{'latency_ms'`` (median), ``'spread_ms'`` (interquartile range)``}``, timed in turns, with
+    freed memory kept (``mmfisher.core.latency.hold_freed_memory``: a time that does not depend on what the
+    process ran before)."""
+    from ..core.latency import hold_freed_memory
+    hold_freed_memory()
     sync = torch.cuda.synchronize if str(device).startswith('cuda') else (lambda: None)
     times: List[List[float]] = [[] for _ in runs]
     with torch.no_grad():
