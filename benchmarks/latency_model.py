@@ -84,6 +84,8 @@ def staircase():
 
 def main(argv=None):
     args = parse_args(argv)
+    from mmfisher.core.latency import roomy_primitive_cache
+    roomy_primitive_cache()   # before the first conv: many models are timed in turn
     import torch
     from mmfisher.core import shrink
     from mmfisher.core.cost import CostModel

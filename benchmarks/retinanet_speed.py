@@ -112,6 +112,8 @@ def uniform_variant(work, ratio=0.5):
 
 
 def main(argv=None):
+    from mmfisher.core.latency import roomy_primitive_cache
+    roomy_primitive_cache()   # before the first conv: many models are timed in turn
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--work-dir', default='work_dirs/speed')
     p.add_argument('--sizes', nargs='+', default=['640x640', '800x1333'])

@@ -116,6 +116,8 @@ def _row(label, values, fmt, ref=True):
 
 def main(argv=None):
     args = parse_args(argv)
+    from mmfisher.core.latency import roomy_primitive_cache
+    roomy_primitive_cache()   # before the first conv: many models are timed in turn
     if args.threads:
         torch.set_num_threads(args.threads)
     from mmfisher.openmmlab import register_all_modules
