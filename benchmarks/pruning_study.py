@@ -31,7 +31,7 @@ FLOPs and activations from mmengine's analysis, and CPU latency (batch 1, tensor
 interleaved runs) at the training size and at 640x640. Writes ``report.md``, ``results.json`` and
 ``pruning_study.png`` (mAP against latency, the Pareto front drawn) to the work dir. With two or
 more targets the report adds mAP at equal latency: each method's mAP interpolated linearly between its
-own rows at the latency of every uniform and fisher-M row (never extrapolated).
+own rows at the latency of every row (never extrapolated).
 
 Every run is cached in ``runs/<name>``: it is redone only when its config (including the demo configs
 it inherits), or the run it starts from, changed; the key does not depend on where the checkout or the
@@ -434,8 +434,8 @@ def write_report(study, rows, measures, args, seconds):
     refs, curves = equal_latency(table, sizes[-1])
     if refs:
         names = list(curves)
-        lines += ['', f'bbox mAP at equal latency ({sizes[-1]}): at the measured latency of each uniform and '
-                  f'fisher-M row, every method\'s mean mAP interpolated linearly between its own two rows '
+        lines += ['', f'bbox mAP at equal latency ({sizes[-1]}): at the measured latency of each row, '
+                  f'every method\'s mean mAP interpolated linearly between its own two rows '
                   f'(FLOPs targets) around that latency; "-" where the latency is outside the range its rows span '
                   f'(no extrapolation).', '',
                   '| at the latency of | ms | ' + ' | '.join(names) + ' |', '|' + '---|' * (2 + len(names))]
@@ -456,14 +456,14 @@ def write_report(study, rows, measures, args, seconds):
 
 def equal_latency(table, size):
     """The methods pruned (or scaled) to two or more FLOPs targets, each as its (latency, mean mAP) points
-    sorted by latency at ``size``, and the reference latencies: those of the uniform and fisher-M rows."""
+    sorted by latency at ``size``, and the reference latencies: those of all their rows."""
     curves = {}
     for row in table:
         if row['mAP'][0] is not None and not row['method'].startswith('baseline'):
             curves.setdefault(row['method'], []).append((row[f'latency@{size}'][0], row['mAP'][0]))
     curves = {k: sorted(v) for k, v in curves.items() if len(v) >= 2}
     refs = [(f'{row["method"]} {row["target"]:.2f}', row[f'latency@{size}'][0]) for row in table
-            if row['method'] in ('uniform', 'fisher-M') and row['method'] in curves]
+            if row['method'] in curves and row['method'] != 'fisher-M arch, re-init']   # that one: fisher-M's
     return refs, curves
 
 
