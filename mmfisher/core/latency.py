@@ -109,8 +109,8 @@ def hold_freed_memory() -> bool:
     35.3 ms in the next (up to 3,200 page faults per forward); with freed memory kept, every network
     agreed within 6% across the two runs, with no page faults. A serving process in steady state reuses
     its memory too (as jemalloc and tcmalloc do), so every timing here (:func:`time_ms`,
-    ``interleaved_latency``, ``tools/benchmark.py``) calls this first. Peak memory is not raised; the
-    process just keeps what it had.
+    ``interleaved_latency``, ``tools/benchmark.py``) calls this first. The process then keeps what it
+    freed until it exits (a training run whose hook measures a latency model included).
     """
     global _HELD
     if _HELD is None:
