@@ -345,7 +345,8 @@ def test_the_block_that_reaches_the_target_stops_there(measured):
 
 def test_timings_keep_freed_memory_so_a_forward_pays_no_page_faults():
     # glibc maps every block over 32 MB afresh: 64 MB freed and allocated again faults in all 16k pages
-    # with its defaults; after hold_freed_memory (which every timing calls) the heap keeps it
+    # with its defaults; after hold_freed_memory (which every timing calls) the heap keeps it (once the
+    # heap has grown to hold it: a few cycles, as a forward's warm-up runs do)
     code = textwrap.dedent('''
         import resource, sys, torch
         from mmfisher.core.latency import hold_freed_memory
@@ -356,10 +357,11 @@ def test_timings_keep_freed_memory_so_a_forward_pays_no_page_faults():
             x = torch.ones(16 * 1024 * 1024)       # 64 MB, every page written
             del x
             return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0
-        faults()
-        print(faults())
+        for _ in range(4):
+            faults()
+        print(sum(faults() for _ in range(5)))
     ''')
     env = dict(os.environ, PYTHONPATH=ROOT)
     out = {mode: int(subprocess.run([sys.executable, '-c', code, mode], env=env, capture_output=True, text=True,
                                      check=True).stdout.split()[-1]) for mode in ('default', 'held')}
-    assert out['default'] > 8000 and out['held'] < 100, out
+    assert out['default'] > 5 * 8000 and out['held'] < 100, out
