@@ -35,7 +35,8 @@ own rows at the latency of every row (never extrapolated).
 
 Every run is cached in ``runs/<name>``: it is redone only when its config (including the demo configs
 it inherits), or the run it starts from, changed; the key does not depend on where the checkout or the
-work dir lies. A change to mmfisher's or mmdet's code is not seen: ``--redo`` redoes everything. ``--quick``: a smoke run on 32 images with a few iterations
+work dir lies. A change to mmfisher's or mmdet's code is not seen: ``--redo`` redoes everything.
+``--quick``: a smoke run on 32 images with a few iterations
 (for the tests; the numbers mean nothing).
 """
 import argparse

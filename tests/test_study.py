@@ -9,7 +9,8 @@ import subprocess
 import sys
 
 ROOT = osp.abspath(osp.join(osp.dirname(__file__), '..'))
-ROWS = ['baseline', 'baseline, trained as long', 'fisher-M', 'fisher-F', 'l1-M', 'random-M', 'fisher-L', 'fisher-M arch, re-init', 'uniform',
+ROWS = ['baseline', 'baseline, trained as long', 'fisher-M', 'fisher-F', 'l1-M', 'random-M', 'fisher-L',
+        'fisher-M arch, re-init', 'uniform',
         'fisher-M, one shot']
 
 

@@ -106,9 +106,9 @@ def hold_freed_memory() -> bool:
     the next ones, with a threshold that moves with what the process allocated before; a forward's time
     then depends on the process's history. ``benchmarks/page_faults.py`` times the demo detector at
     eight widths in fresh processes: with the defaults, the same network measured 25.3 ms in one run and
-    35.3 ms in the next (up to 3,200 page faults per forward); with freed memory kept, every network
-    agreed within 6% across the two runs, with no page faults. A serving process in steady state reuses
-    its memory too (as jemalloc and tcmalloc do), so every timing here (:func:`time_ms`,
+    35.3 ms in the next (and the full-width one paid up to 3,200 page faults per forward); with freed
+    memory kept, every network agreed within 6% across the two runs, with no page faults. A serving
+    process in steady state reuses its memory too (as jemalloc and tcmalloc do), so every timing here (:func:`time_ms`,
     ``interleaved_latency``, ``tools/benchmark.py``) calls this first. The process then keeps what it
     freed until it exits (a training run whose hook measures a latency model included).
     """
@@ -580,5 +580,6 @@ def _measure_layer(rec, L, prunable: torch.Tensor, device: torch.device, dev: st
                       torch.tensor(times, dtype=torch.float64), quantum=quantum, penalty=penalty)
 
 
-__all__ = ['LatencyModel', 'LayerTable', 'TimingCache', 'time_ms', 'hold_freed_memory', 'roomy_primitive_cache', 'device_name', 'detect_quantum', 'interp1',
+__all__ = ['LatencyModel', 'LayerTable', 'TimingCache', 'time_ms', 'hold_freed_memory', 'roomy_primitive_cache',
+           'device_name', 'detect_quantum', 'interp1',
            'interp2', 'fit', 'monotone']
