@@ -60,16 +60,22 @@ def build_from_config(cfg) -> nn.Module:
         return MODELS.build(model_cfg)
 
 
+def config_dicts(node: Any):
+    """Every dict in a config (sub)tree, parents first; a dict may be edited before its children are visited."""
+    if isinstance(node, dict):
+        yield node
+        for v in list(node.values()):
+            yield from config_dicts(v)
+    elif isinstance(node, (list, tuple)):
+        for v in node:
+            yield from config_dicts(v)
+
+
 def _drop_pretrained(cfg: Any) -> None:
-    if isinstance(cfg, dict):
-        init = cfg.get('init_cfg')
+    for d in config_dicts(cfg):
+        init = d.get('init_cfg')
         if isinstance(init, dict) and init.get('type') == 'Pretrained':
-            cfg.pop('init_cfg')
-        for v in cfg.values():
-            _drop_pretrained(v)
-    elif isinstance(cfg, (list, tuple)):
-        for v in cfg:
-            _drop_pretrained(v)
+            d.pop('init_cfg')
 
 
 def example_samples(model: nn.Module, shape: Sequence[int]) -> Optional[list]:

@@ -197,19 +197,13 @@ def pipeline_batch(cfg, model, n=2, size=256):
     return data['inputs'], data['data_samples']
 
 
-def _replace_norm(node, old, new):
+def _replace_norm(cfg, old, new):
     """Every ``type=old`` in a config (sub)tree becomes ``type=new``; whether any did."""
-    hit = False
-    if isinstance(node, dict):
-        if node.get('type') == old:
-            node['type'] = new
-            hit = True
-        for v in node.values():
-            hit = _replace_norm(v, old, new) or hit
-    elif isinstance(node, (list, tuple)):
-        for v in node:
-            hit = _replace_norm(v, old, new) or hit
-    return hit
+    from mmfisher.openmmlab.analysis import config_dicts
+    hits = [d for d in config_dicts(cfg) if d.get('type') == old]
+    for d in hits:
+        d['type'] = new
+    return bool(hits)
 
 
 def check(config, shape, fraction):
