@@ -41,10 +41,11 @@ class AtomSets:
 
     def union_arrays(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Union ``a[i]`` with ``b[i]`` for every i."""
-        a, b = torch.as_tensor(a, dtype=torch.long), torch.as_tensor(b, dtype=torch.long)
-        ok = (a >= 0) & (b >= 0) & (a != b)
-        if bool(ok.any()):
-            self._unions.append((a[ok], b[ok]))
+        a, b = _longs(a), _longs(b)
+        if a.numel() != b.numel():
+            raise ValueError(f'union of {a.numel()} atoms with {b.numel()}')
+        if a.numel():                 # negative atoms and self-unions are dropped when solving
+            self._unions.append((a.reshape(-1), b.reshape(-1)))
             self._roots = None
 
     def union_rows(self, rows: torch.Tensor) -> None:
@@ -62,7 +63,7 @@ class AtomSets:
 
     def taint(self, atoms: Iterable[int], reason: str) -> None:
         """The classes of ``atoms`` cannot be pruned, because of ``reason``."""
-        atoms = torch.as_tensor(list(atoms) if not isinstance(atoms, torch.Tensor) else atoms, dtype=torch.long)
+        atoms = _longs(atoms).reshape(-1)
         atoms = atoms[atoms >= 0]
         if atoms.numel():
             self._taints.append((atoms, reason))
@@ -88,6 +89,13 @@ class AtomSets:
         return out
 
 
+def _longs(atoms: Any) -> torch.Tensor:
+    """``atoms`` as a LongTensor (a tensor already long is returned as is)."""
+    if isinstance(atoms, torch.Tensor) and atoms.dtype == torch.long:
+        return atoms
+    return torch.as_tensor(list(atoms) if not isinstance(atoms, torch.Tensor) else atoms, dtype=torch.long)
+
+
 def connected_roots(n: int, unions: List[Tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
     """``[n]``: the smallest node of every node's connected component, for the edges ``unions``.
 
@@ -99,6 +107,8 @@ def connected_roots(n: int, unions: List[Tuple[torch.Tensor, torch.Tensor]]) -> 
         return roots
     u = torch.cat([a for a, _ in unions])
     v = torch.cat([b for _, b in unions])
+    ok = ((u >= 0) & (v >= 0) & (u != v)).nonzero().flatten()
+    u, v = u.index_select(0, ok), v.index_select(0, ok)
     while True:                       # index_select: much faster than advanced indexing on CPU
         ru, rv = roots.index_select(0, u), roots.index_select(0, v)
         differ = (ru != rv).nonzero().flatten()

@@ -62,6 +62,11 @@ class LayerArray:
     channel: torch.Tensor
 
 
+def _gather(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` where ``index >= 0``, and ``index`` itself (negative: untracked) elsewhere."""
+    return torch.where(index >= 0, table.index_select(0, index.clamp(min=0)), index)
+
+
 class CouplingGraph:
     """The result of the analysis: groups, and for every recorded module its arrays."""
 
@@ -85,10 +90,13 @@ class CouplingGraph:
     def _build(self, tracer: ChannelTracer) -> None:
         sets = tracer.sets
         root = sets.roots()                                   # [atoms] class root of every atom
-        roots_of: Dict[Tuple[str, str], torch.Tensor] = {}    # class root of every position, -1: untracked
-        for name, rec in self.records.items():
-            for role, atoms in rec.arrays.items():
-                roots_of[(name, role)] = torch.where(atoms >= 0, root.index_select(0, atoms.clamp(min=0)), atoms)
+        # every array of every record, end to end: [positions] atoms, and each array's key and length
+        keys = [(name, role) for name, rec in self.records.items() for role in rec.arrays]
+        lengths = [self.records[name].arrays[role].numel() for name, role in keys]
+        flat = torch.cat([self.records[name].arrays[role] for name, role in keys]) if keys else \
+            torch.zeros(0, dtype=torch.long)
+        flat_roots = _gather(root, flat)                      # class root of every position, -1: untracked
+        roots_of: Dict[Tuple[str, str], torch.Tensor] = dict(zip(keys, flat_roots.split(lengths)))
 
         # the classes some producer writes, in order of first appearance over the producers' outputs
         producers = [name for name, rec in self.records.items()
@@ -114,13 +122,13 @@ class CouplingGraph:
 
         starts = [0] + (torch.nonzero(class_group_first[1:] != class_group_first[:-1]).flatten() + 1).tolist()
         ends = starts[1:] + [self.num_channels]
-        group_of_chan = torch.empty(self.num_channels, dtype=torch.long)
-        for i, (a, b) in enumerate(zip(starts, ends)):
-            if a == b:
-                continue
-            first_producer = producers[int(seq_producer[int(class_group_first[a])])]
-            self.groups.append(ChannelGroup(index=i, name=first_producer, offset=a, size=b - a))
-            group_of_chan[a:b] = i
+        first_list, producer_list = class_group_first.tolist(), seq_producer.tolist()
+        for a, b in zip(starts, ends):
+            if a < b:
+                self.groups.append(ChannelGroup(index=len(self.groups), name=producers[producer_list[first_list[a]]],
+                                                offset=a, size=b - a))
+        group_of_chan = torch.repeat_interleave(torch.arange(len(self.groups)),
+                                                torch.tensor([g.size for g in self.groups], dtype=torch.long))
 
         reasons = sets.reasons()
         chan_list, group_list = chan_of_root.tolist(), group_of_chan.tolist()
@@ -129,14 +137,20 @@ class CouplingGraph:
             grp = self.groups[group_list[chan]]
             grp.reasons.extend(x for x in reasons[r] if x not in grp.reasons)
 
-        for (name, role), roots in roots_of.items():
-            chan = torch.where(roots >= 0, chan_of_root.index_select(0, roots.clamp(min=0)), roots)
+        flat_chan = _gather(chan_of_root, flat_roots)         # flat channel of every position, -1: untracked
+        for (name, role), chan in zip(keys, flat_chan.split(lengths)):
             self.arrays[(name, role)] = LayerArray(name, role, chan)
-            for gi in group_of_chan.index_select(0, chan[chan >= 0]).unique().tolist():
-                grp = self.groups[gi]
-                lst = {'out': grp.producers, 'in': grp.consumers}.get(role, grp.norms)
-                if name not in lst:
-                    lst.append(name)
+        # (array, group) pairs, ordered by array then group: each array's module joins its groups' lists
+        array_of = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor(lengths, dtype=torch.long))
+        tracked = (flat_chan >= 0).nonzero().flatten()
+        n_groups = max(1, len(self.groups))
+        pairs = (array_of.index_select(0, tracked) * n_groups
+                 + group_of_chan.index_select(0, flat_chan.index_select(0, tracked))).unique()
+        for pair in pairs.tolist():
+            (name, role), grp = keys[pair // n_groups], self.groups[pair % n_groups]
+            lst = {'out': grp.producers, 'in': grp.consumers}.get(role, grp.norms)
+            if name not in lst:
+                lst.append(name)
         for grp in self.groups:
             chan = self.arrays[(grp.name, 'out')].channel
             grp.positions_per_channel = int((chan == grp.offset).sum())

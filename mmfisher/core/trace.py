@@ -19,6 +19,7 @@ of every recorded module (:mod:`mmfisher.core.atoms`) with their unions and tain
 """
 from __future__ import annotations
 
+import functools
 import weakref
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -29,6 +30,18 @@ from torch.overrides import TorchFunctionMode
 from .atoms import AtomSets, Label, flat_tensors
 from .layers import LayerType, ModuleRecord, layer_type_for
 from .op_rules import FACTORY, INSPECT, Op, function_name, normalise, rule_for
+
+
+def unwatched(method: Callable) -> Callable:
+    """Run ``method`` with torch-function dispatch off: the trace's own bookkeeping on atom tensors
+    (``numel``, ``arange``, unions) then costs what it costs outside the trace, instead of a round trip
+    through :class:`FunctionWatch` per call (which skips it anyway). Module hooks and the layer types'
+    ``trace`` run this way; the op rules already do (a mode is off inside its own ``__torch_function__``)."""
+    @functools.wraps(method)
+    def run(*args, **kwargs):
+        with torch._C.DisableTorchFunction():
+            return method(*args, **kwargs)
+    return run
 
 
 class AnalysisRuleError(RuntimeError):
@@ -49,6 +62,7 @@ class ChannelTracer:
         self.names: Dict[int, str] = {}
         for name, m in model.named_modules(remove_duplicate=False):
             self.names.setdefault(id(m), name or '<root>')
+        self._layer_types: Dict[int, Optional[LayerType]] = {}   # id(module) -> its layer type, looked up once
         self.records: Dict[int, ModuleRecord] = {}
         self.order: List[int] = []               # ids of records in first-call order
         # id(tensor) -> (weak reference, label): intermediate tensors are freed as in a plain forward;
@@ -103,9 +117,12 @@ class ChannelTracer:
     # ---- records ---------------------------------------------------------- #
     def layer_type(self, module: nn.Module) -> Optional[LayerType]:
         """The layer type of a module of the model (None for modules built during the forward)."""
-        if id(module) not in self.names:
+        key = id(module)
+        if key not in self.names:
             return None
-        return layer_type_for(module)
+        if key not in self._layer_types:
+            self._layer_types[key] = layer_type_for(module)
+        return self._layer_types[key]
 
     def record_for(self, module: nn.Module, layer_type: LayerType) -> ModuleRecord:
         rec = self.records.get(id(module))
@@ -216,6 +233,7 @@ class ModuleHooks:
                 for t in tensors:
                     watch.pop(id(t), None)
 
+    @unwatched
     def pre_hook(self, module: nn.Module, args: tuple) -> None:
         tr = self.tr
         self.mark_read(flat_tensors(args, []))
@@ -227,6 +245,7 @@ class ModuleHooks:
         tr.stack.append([module, is_leaf, watch])
         tr.leaf_depth += is_leaf
 
+    @unwatched
     def post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         tr = self.tr
         _, is_leaf, watch = tr.stack.pop()
@@ -285,6 +304,7 @@ class FunctionWatch(TorchFunctionMode):
         super().__init__()
         self.tr = tracer
         self.hooks = hooks
+        self._names: Dict[Any, Tuple[str, str, bool]] = {}   # func -> (its name, normalised name, in place)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -295,8 +315,15 @@ class FunctionWatch(TorchFunctionMode):
 
     def on_function(self, func: Callable, args: tuple, kwargs: dict, out: Any) -> None:
         tr = self.tr
-        raw = function_name(func)
-        name, inplace = normalise(raw)
+        try:
+            raw, name, inplace = self._names[func]
+        except (KeyError, TypeError):        # TypeError: an unhashable callable, named every time
+            raw = function_name(func)
+            name, inplace = normalise(raw)
+            try:
+                self._names[func] = raw, name, inplace
+            except TypeError:
+                pass
         tensors = flat_tensors(args, []) + flat_tensors(kwargs, [])
         self.hooks.saw_function(name, inplace, tensors, kwargs, out)
         labelled = [(t, lab) for t in tensors for lab in [tr.label(t)] if lab is not None]
@@ -326,6 +353,7 @@ class AutogradFunctionWatch:
         self.tr = tracer
         self._saved: List[Tuple[type, Any]] = []
 
+    @unwatched
     def on_call(self, cls: type, args: tuple, out: Any) -> None:
         tr = self.tr
         tr.compiled_calls += 1
