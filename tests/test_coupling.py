@@ -421,3 +421,23 @@ def test_analyse_model_traces_the_loss_and_leaves_weights_buffers_and_random_sta
     assert model.training and all(m.training == model.training or not m.training for m in model.modules())
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)    # BN statistics the loss updated, too
+
+
+def test_boxinst_loss_is_traced_with_the_pairwise_masks_its_data_preprocessor_makes():
+    """BoxInst's preprocessor derives pairwise masks from colour similarity in training, as train_step
+    runs it: the generated batch goes through it, so the analysis traces BoxInst's loss (its mask branch)."""
+    from mmfisher.openmmlab import analyse_model, build_from_config
+    from mmengine.logging import MessageHub
+
+    from mmfisher.openmmlab.synthetic import loss_of, random_batch
+    MessageHub.get_current_instance().update_info('iter', 0)     # what a runner tells the model
+    model = build_from_config(config_path('mmdet', 'boxinst/boxinst_r50_fpn_ms-90k_coco.py'))
+    inputs, samples = random_batch(model, 2, (96, 96))
+    for s in samples:
+        k = len(s.gt_instances.bboxes)
+        assert tuple(s.gt_instances.pairwise_masks.shape[:2]) == (k, 8)   # 3x3 neighbours but the centre
+        assert s.gt_instances.masks.masks.shape == (k, 96, 96)
+    model.train()
+    assert torch.isfinite(loss_of(model, inputs, samples))
+    graph = analyse_model(model, (1, 3, 96, 96), strict=True)
+    assert not graph.skipped and not graph.unseen

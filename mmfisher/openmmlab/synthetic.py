@@ -71,12 +71,32 @@ def random_batch(model: nn.Module, batch: int = 2, shape: Sequence[int] = (320, 
                 rand = torch.cat([xy, torch.minimum(xy + wh, torch.tensor([w - 1.0, h - 1.0]))], 1)
                 s.proposals = InstanceData(bboxes=torch.cat([boxes, rand]), scores=torch.rand(n + k, generator=g))
             samples.append(s)
+        inputs, samples = _training_targets(model, inputs, samples)
     else:
         from mmpretrain.structures import DataSample
         for _ in range(batch):
             samples.append(DataSample().set_gt_label(int(torch.randint(0, n_cls if n_cls else 1000, (1,),
                                                                        generator=g))))
     return inputs, samples
+
+
+def _training_targets(model: nn.Module, inputs: torch.Tensor, samples: List) -> Tuple[torch.Tensor, List]:
+    """The batch through the detector's data preprocessor, when that preprocessor adds training
+    targets of its own (BoxInst's pairwise masks from colour similarity), as ``train_step`` would;
+    otherwise unchanged. ``inputs`` are taken for normalised images and turned back into pixels first."""
+    try:
+        from mmdet.models.data_preprocessors import DetDataPreprocessor, TrackDataPreprocessor
+    except ImportError:  # pragma: no cover
+        return inputs, samples
+    dp = getattr(model, 'data_preprocessor', None)
+    if (not isinstance(dp, DetDataPreprocessor) or isinstance(dp, TrackDataPreprocessor)
+            or type(dp).forward is DetDataPreprocessor.forward):
+        return inputs, samples
+    pixels = inputs
+    if getattr(dp, '_enable_normalize', False):
+        pixels = inputs * dp.std.cpu() + dp.mean.cpu()
+    out = dp({'inputs': list(pixels.clamp(0, 255)), 'data_samples': samples}, training=True)
+    return out['inputs'].cpu(), out['data_samples']
 
 
 def loss_of(model: nn.Module, inputs: torch.Tensor, samples: List) -> torch.Tensor:
