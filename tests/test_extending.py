@@ -39,6 +39,18 @@ def test_classes_are_the_connected_components_rooted_at_their_smallest_atom(seed
     assert connected_roots(n, unions).tolist() == reference_roots(n, pairs)
 
 
+def test_unions_with_unproduced_positions_or_an_atom_itself_join_nothing():
+    sets = AtomSets()
+    a, b = sets.alloc(4), sets.alloc(4)
+    # -1: a position no module produced; a[2] with itself; only a[0]-b[0] and a[3]-b[1] are real
+    sets.union_arrays(torch.tensor([int(a[0]), -1, int(a[2]), int(a[3])]),
+                      torch.tensor([int(b[0]), int(b[2]), int(a[2]), int(b[1])]))
+    sets.union_arrays(torch.tensor([-1]), torch.tensor([-1]))
+    assert sets.roots().tolist() == reference_roots(8, [(0, 4), (3, 5)])
+    with pytest.raises(ValueError, match='union of 2 atoms with 3'):
+        sets.union_arrays(a[:2], b[:3])
+
+
 def test_taints_reach_the_whole_class_whenever_the_union_comes():
     sets = AtomSets()
     a, b, c = sets.alloc(3), sets.alloc(3), sets.alloc(3)
