@@ -8,6 +8,9 @@ Builds the mmdet config with random init (nothing downloaded), then alternates a
 full ``analyse`` of that forward (trace plus coupling graph) and with ``analyse_model`` (what the
 hook runs: the tensor forward and the loss on a generated batch, which traces training-only
 branches), ``--repeats`` times each, and prints the medians and their ratios. ``--profile`` prints the analysis's top functions by own time (cProfile).
+``--parts`` also times, in the same turns, what the trace is made of: the forward under a
+torch-function mode that does nothing, under global module hooks that do nothing, under the wrap of
+every custom autograd Function, the trace alone (no coupling graph), and the coupling graph alone.
 """
 import argparse
 import os.path as osp
@@ -25,6 +28,7 @@ def parse_args(argv=None):
     p.add_argument('--shape', type=int, nargs=2, default=[320, 320], metavar=('H', 'W'))
     p.add_argument('--repeats', type=int, default=7)
     p.add_argument('--profile', action='store_true')
+    p.add_argument('--parts', action='store_true', help='also time the parts of the trace (see above)')
     return p.parse_args(argv)
 
 
@@ -55,12 +59,14 @@ def main(argv=None):
     def with_loss():
         analyse_model(model, (1, 3) + tuple(args.shape), strict=True)
 
-    plain()
-    analysis()                                  # warm-up: lazy imports, allocator, mmcv op loading
-    with_loss()
-    times = {'forward': [], 'analyse': [], 'with_loss': []}
+    runs = [('forward', plain), ('analyse', analysis), ('with_loss', with_loss)]
+    if args.parts:
+        runs += trace_parts(model, forward)
+    for _, fn in runs:                          # warm-up: lazy imports, allocator, mmcv op loading
+        fn()
+    times = {name: [] for name, _ in runs}
     for _ in range(args.repeats):
-        for name, fn in (('forward', plain), ('analyse', analysis), ('with_loss', with_loss)):
+        for name, fn in runs:
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
@@ -73,6 +79,12 @@ def main(argv=None):
     print(f'  plain forward {fwd:.3f} s, analysis {ana:.3f} s: {ana / fwd:.2f}x '
           f'({s["prunable_groups"]}/{s["groups"]} groups prunable)')
     print(f'  analyse_model (tensor forward + loss on a generated batch of 1) {full:.3f} s: {full / fwd:.2f}x')
+    for name, _ in runs[3:]:
+        t = statistics.median(times[name])
+        if name == 'coupling graph alone':
+            print(f'  {name}: {t * 1000:.1f} ms')
+        else:
+            print(f'  {name}: {t * 1000:.1f} ms, {(t - fwd) * 1000:+.1f} ms over the plain forward')
     if args.profile:
         import cProfile
         import pstats
@@ -80,6 +92,51 @@ def main(argv=None):
         prof.runcall(analysis)
         pstats.Stats(prof).sort_stats('tottime').print_stats(25)
     return ana / fwd
+
+
+def trace_parts(model, forward):
+    """``(name, callable)`` of the trace's parts, for ``--parts``."""
+    import torch
+
+    from mmfisher.core.groups import CouplingGraph
+    from mmfisher.core.trace import AutogradFunctionWatch, ChannelTracer
+
+    class NoOpMode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    def with_mode():
+        with torch.no_grad(), NoOpMode():
+            forward()
+
+    def with_hooks():
+        handles = [torch.nn.modules.module.register_module_forward_pre_hook(lambda m, a: None),
+                   torch.nn.modules.module.register_module_forward_hook(lambda m, a, o: None)]
+        try:
+            with torch.no_grad():
+                forward()
+        finally:
+            for h in handles:
+                h.remove()
+
+    def with_autograd_watch():
+        with AutogradFunctionWatch(ChannelTracer(model)), torch.no_grad():
+            forward()
+
+    def trace_alone():
+        ChannelTracer(model, strict=True).run(forward)
+
+    traced = ChannelTracer(model, strict=True)
+    traced.run(forward)
+
+    def graph_alone():
+        traced.sets._roots = None        # solve the classes again, as a fresh analysis does
+        CouplingGraph(traced, 0.0)
+
+    return [('forward under a no-op torch-function mode', with_mode),
+            ('forward under no-op global module hooks', with_hooks),
+            ('forward with custom autograd Functions wrapped', with_autograd_watch),
+            ('trace alone (no coupling graph)', trace_alone), ('coupling graph alone', graph_alone)]
 
 
 if __name__ == '__main__':
