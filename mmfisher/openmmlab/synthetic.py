@@ -73,11 +73,25 @@ def random_batch(model: nn.Module, batch: int = 2, shape: Sequence[int] = (320, 
             samples.append(s)
         inputs, samples = _training_targets(model, inputs, samples)
     else:
-        from mmpretrain.structures import DataSample
+        sample_type = _classifier_sample_type(model)
         for _ in range(batch):
-            samples.append(DataSample().set_gt_label(int(torch.randint(0, n_cls if n_cls else 1000, (1,),
+            samples.append(sample_type().set_gt_label(int(torch.randint(0, n_cls if n_cls else 1000, (1,),
                                                                        generator=g))))
     return inputs, samples
+
+
+def _classifier_sample_type(model: nn.Module) -> type:
+    """mmpretrain's ``DataSample``, or mmdet's ``ReIDDataSample`` for its ReID models (they read a
+    ``LabelData`` label)."""
+    try:
+        from mmdet.models.reid import BaseReID
+        if isinstance(model, BaseReID):
+            from mmdet.structures import ReIDDataSample
+            return ReIDDataSample
+    except ImportError:  # pragma: no cover
+        pass
+    from mmpretrain.structures import DataSample
+    return DataSample
 
 
 def _training_targets(model: nn.Module, inputs: torch.Tensor, samples: List) -> Tuple[torch.Tensor, List]:

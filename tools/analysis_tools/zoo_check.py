@@ -235,6 +235,12 @@ def check(config, shape, fraction):
         # same network with plain BN, and the row says so
         row['note'] = "mmcv's MMSyncBN checked as BN"
     model = _step('build', lambda: build_from_config(cfg), harness=True)
+    try:
+        from mmdet.models.reid import BaseReID
+        if isinstance(model, BaseReID):
+            hw = (256, 128)     # person crops: its neck's pooling kernel is sized for a 256x128 input
+    except ImportError:  # pragma: no cover
+        pass
     if any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()):
         from mmengine.model import revert_sync_batchnorm
         model = revert_sync_batchnorm(model)     # one CPU process: no process group for SyncBN's train step
