@@ -7,7 +7,8 @@ Builds the mmdet config with random init (nothing downloaded), then alternates a
 (the same ``example_forward`` callable the analysis runs, under ``no_grad`` in eval mode) with a
 full ``analyse`` of that forward (trace plus coupling graph) and with ``analyse_model`` (what the
 hook runs: the tensor forward and the loss on a generated batch, which traces training-only
-branches), ``--repeats`` times each, and prints the medians and their ratios. ``--profile`` prints the analysis's top functions by own time (cProfile).
+branches), ``--repeats`` times each, and prints the medians and their ratios. ``--profile`` prints
+the analysis's top functions by own time (cProfile).
 ``--parts`` also times, in the same turns, what the trace is made of: the forward under a
 torch-function mode that does nothing, under global module hooks that do nothing, under the wrap of
 every custom autograd Function, the trace alone (no coupling graph), and the coupling graph alone.

@@ -426,9 +426,9 @@ def test_analyse_model_traces_the_loss_and_leaves_weights_buffers_and_random_sta
 def test_boxinst_loss_is_traced_with_the_pairwise_masks_its_data_preprocessor_makes():
     """BoxInst's preprocessor derives pairwise masks from colour similarity in training, as train_step
     runs it: the generated batch goes through it, so the analysis traces BoxInst's loss (its mask branch)."""
-    from mmfisher.openmmlab import analyse_model, build_from_config
     from mmengine.logging import MessageHub
 
+    from mmfisher.openmmlab import analyse_model, build_from_config
     from mmfisher.openmmlab.synthetic import loss_of, random_batch
     MessageHub.get_current_instance().update_info('iter', 0)     # what a runner tells the model
     model = build_from_config(config_path('mmdet', 'boxinst/boxinst_r50_fpn_ms-90k_coco.py'))

@@ -1,8 +1,8 @@
 """The support matrix tool on a small fixed subset: TOOD (whose offsets only a deformable sampling reads)
 and an mmpretrain MobileNetV2 pass; MoCo v2 (two views from its own pipeline; its momentum
-encoder loses its source's channels) passes; T2T-ViT, whose
-random-init network amplifies float32 rounding past 1e-4, passes on its float64 re-check; mmdet's ReID classifier (256x128 person crops) passes; a config the
-harness cannot build is a harness row, not a failure."""
+encoder loses its source's channels) passes; T2T-ViT, whose random-init network amplifies float32
+rounding past 1e-4, passes on its float64 re-check; mmdet's ReID classifier (256x128 person crops)
+passes; a config the harness cannot build is a harness row, not a failure."""
 import json
 import os
 import os.path as osp
