@@ -23,7 +23,10 @@ data (800 train / 200 val images of 160x160), for every seed:
 * ``baseline, trained as long``: the unpruned network trained from scratch for as many iterations as
   fisher-M at the first target had in all (what pruning costs in mAP against an equal training budget);
 * at the first target, fisher-M with other schedules: 2 channels every 2 iterations, 32 every 2,
-  5% of the removable channels every 2, and one shot (everything after 20 iterations of Fisher).
+  5% of the removable channels every 2, and one shot (everything after 20 iterations of Fisher);
+  the paper's (1 channel every 10 iterations) only when ``--schedules`` names it.
+
+``--methods`` and ``--schedules`` restrict the rows (e.g. a diagnosis on a longer-trained baseline).
 
 Every training is ``tools/train.py`` in a subprocess (its final validation gives bbox mAP and mAP@50).
 Then, in this process, every distinct architecture is built and measured side by side: params,
@@ -65,7 +68,9 @@ SCHEDULES = {                    # name: (interval, channels_per_step); 'default
     '32 ch / 2 it': (2, 32),
     '5% / 2 it': (2, 0.05),
     'one shot': (20, 100000),
+    'paper': (10, 1),            # the paper's: 1 channel every 10 iterations (long: not run unless asked)
 }
+DEFAULT_SCHEDULES = ['2 ch / 2 it', '32 ch / 2 it', '5% / 2 it', 'one shot']
 
 
 def parse_args(argv=None):
@@ -79,6 +84,12 @@ def parse_args(argv=None):
     p.add_argument('--repeats', type=int, default=None,
                    help='timed runs per model and input size (default 30; --quick 3)')
     p.add_argument('--sizes', nargs='+', default=['160x160', '640x640'], help='latency input sizes, HxW')
+    p.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS),
+                   help='pruned rows to run (fisher-M always runs: the other rows\' budgets follow it)')
+    p.add_argument('--schedules', nargs='*', default=DEFAULT_SCHEDULES,
+                   choices=[k for k in SCHEDULES if k != 'default'],
+                   help='other fisher-M schedules, at the first target (none: give the option no value); '
+                        f'default: {", ".join(DEFAULT_SCHEDULES)}'.replace('%', '%%'))
     p.add_argument('--redo', action='store_true', help='run every stage again')
     p.add_argument('--quick', action='store_true', help='smoke run: 32 images, a few iterations')
     return p.parse_args(argv)
@@ -280,12 +291,13 @@ def main(argv=None):
             setattr(args, name, value)
     if args.quick:
         args.seeds, args.targets, args.sizes = args.seeds[:1], args.targets[:1], args.sizes[:1]
+    methods = {k: v for k, v in METHODS.items() if k == 'fisher-M' or k in args.methods}
     t_start = time.perf_counter()
     study = Study(args)
     from mmfisher.datasets.shapes import SHAPES, make_coco_shapes
     n_train, n_val = (32, 8) if args.quick else (800, 200)
     make_coco_shapes(study.data, num_train=n_train, num_val=n_val, size=160, names=SHAPES)
-    schedules = dict(SCHEDULES)
+    schedules = {k: v for k, v in SCHEDULES.items() if k == 'default' or k in args.schedules}
     if args.quick:
         schedules = {'default': (1, 40), 'one shot': (4, 100000)}
 
@@ -301,7 +313,7 @@ def main(argv=None):
         base = study.baseline(seed, args.base_iters)
         add('baseline', 1.0, seed, osp.dirname(base), None, args.base_iters)
         for target in args.targets:
-            for method, (importance, norm) in METHODS.items():
+            for method, (importance, norm) in methods.items():
                 interval, per_step = schedules['default']
                 pruned = study.prune(f'{method} {target} s{seed} prune', base, seed, target, importance, norm,
                                      interval, per_step)
@@ -414,6 +426,8 @@ def write_report(study, rows, measures, args, seconds):
         '',
         f'`python benchmarks/pruning_study.py --seeds {" ".join(map(str, args.seeds))} --targets '
         f'{" ".join(map(str, args.targets))} --base-iters {args.base_iters} --ft-iters {args.ft_iters}'
+        + ('' if set(args.methods) == set(METHODS) else ' --methods ' + ' '.join(args.methods))
+        + ('' if args.schedules == DEFAULT_SCHEDULES else ' --schedules ' + ' '.join(f"'{x}'" for x in args.schedules))
         + (' --quick' if args.quick else '') + f'` ({seconds / 60:.0f} min on this machine, torch '
         f'{torch.__version__}, {torch.get_num_threads()} threads).',
         '',
