@@ -131,7 +131,7 @@ def trace_parts(model, forward):
     traced.run(forward)
 
     def graph_alone():
-        traced.sets._roots = None        # solve the classes again, as a fresh analysis does
+        traced.sets.forget_roots()       # solve the classes again, as a fresh analysis does
         CouplingGraph(traced, 0.0)
 
     return [('forward under a no-op torch-function mode', with_mode),

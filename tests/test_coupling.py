@@ -441,3 +441,23 @@ def test_boxinst_loss_is_traced_with_the_pairwise_masks_its_data_preprocessor_ma
     assert torch.isfinite(loss_of(model, inputs, samples))
     graph = analyse_model(model, (1, 3, 96, 96), strict=True)
     assert not graph.skipped and not graph.unseen
+
+
+def test_crowddet_trains_on_the_generated_batch():
+    """CrowdDet's multi-instance assigner gives every box its two best objects, and its sampler reads the
+    ignored instances mmdet's PackDetInputs always packs: the generated batch has both."""
+    from mmengine.config import Config
+
+    from mmfisher.openmmlab import build_from_config
+    from mmfisher.openmmlab.analysis import config_dicts
+    from mmfisher.openmmlab.synthetic import loss_of, random_batch
+    cfg = Config.fromfile(config_path('mmdet', 'crowddet/crowddet-rcnn_r50_fpn_8xb2-30e_crowdhuman.py'))
+    for d in config_dicts(cfg.model):
+        if d.get('use_torchvision'):
+            d['use_torchvision'] = False      # torchvision does not load beside this CPU torch
+    model = build_from_config(cfg)
+    inputs, samples = random_batch(model, 4, (128, 128))
+    assert all(len(s.gt_instances.bboxes) >= 2 for s in samples)
+    assert all(s.ignored_instances.bboxes.shape == (0, 4) for s in samples)
+    model.train()
+    assert torch.isfinite(loss_of(model, inputs, samples))

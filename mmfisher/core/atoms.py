@@ -74,6 +74,10 @@ class AtomSets:
             self._roots = connected_roots(self.size, self._unions)
         return self._roots
 
+    def forget_roots(self) -> None:
+        """Drop the solved classes: the next :meth:`roots` solves them again (a benchmark times that)."""
+        self._roots = None
+
     def find(self, a: int) -> int:
         return int(self.roots()[a]) if a >= 0 else a
 

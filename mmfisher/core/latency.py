@@ -121,7 +121,9 @@ def hold_freed_memory() -> bool:
             if platform.system() == 'Linux' and platform.libc_ver()[0] == 'glibc':
                 libc = ctypes.CDLL(ctypes.util.find_library('c') or 'libc.so.6')
                 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-                _HELD = bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+                no_mmap = bool(libc.mallopt(M_MMAP_MAX, 0))     # both asked for, whatever the first answers
+                no_trim = bool(libc.mallopt(M_TRIM_THRESHOLD, 1 << 30))
+                _HELD = no_mmap and no_trim
         except (OSError, AttributeError):
             _HELD = False
     return _HELD

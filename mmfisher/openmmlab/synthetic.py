@@ -40,14 +40,18 @@ def random_batch(model: nn.Module, batch: int = 2, shape: Sequence[int] = (320, 
     if is_det:
         from mmdet.structures import DetDataSample
         from mmengine.structures import InstanceData
+        # CrowdDet's multi-instance assigner gives every box its num_instance best objects: it needs as many
+        least = int(getattr(getattr(getattr(model, 'roi_head', None), 'bbox_assigner', None), 'num_instance', 1))
         for _ in range(batch):
-            k = int(torch.randint(1, max_objects + 1, (1,), generator=g))
+            k = int(torch.randint(min(least, max_objects), max_objects + 1, (1,), generator=g))
             xy = torch.rand(k, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
             wh = (torch.rand(k, 2, generator=g) * 0.5 + 0.1) * torch.tensor([w, h])
             boxes = torch.cat([xy, torch.minimum(xy + wh, torch.tensor([w - 1.0, h - 1.0]))], 1)
             s = DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), pad_shape=(h, w),
                                             batch_input_shape=(h, w), scale_factor=(1.0, 1.0)))
             s.gt_instances = InstanceData(bboxes=boxes, labels=torch.randint(0, n_cls, (k,), generator=g))
+            # none ignored, as mmdet's PackDetInputs packs them (CrowdDet's sampler reads them)
+            s.ignored_instances = InstanceData(bboxes=boxes.new_zeros(0, 4), labels=torch.zeros(0, dtype=torch.long))
             roi_head = getattr(model, 'roi_head', None)
             semantic = (hasattr(model, 'semantic_head') or getattr(roi_head, 'with_semantic', False)
                         or hasattr(model, 'panoptic_head'))      # PanopticFPN, HTC's semantic branch, MaskFormer

@@ -206,6 +206,25 @@ def _replace_norm(cfg, old, new):
     return bool(hits)
 
 
+def _note(row, text):
+    """Add ``text`` to the row's note (what the check changed or saw, shown in the matrix)."""
+    row['note'] = '; '.join(filter(None, [row.get('note'), text]))
+
+
+def _mend_upstream_bugs(model, row):
+    """Known bugs of the installed OpenMMLab packages, which a user meets without mmfisher too, mended
+    the way their proposed fixes do; the row says so."""
+    try:
+        from mmdet.models.dense_heads import SSDHead
+    except ImportError:  # pragma: no cover
+        return
+    for m in model.modules():
+        if isinstance(m, SSDHead) and not hasattr(m, 'loss_cls'):
+            # mmdet 3.3's predict reads a loss_cls SSDHead never sets (open-mmlab/mmdetection#11305, #11780)
+            m.loss_cls = None
+            _note(row, "mmdet 3.3's SSDHead predict bug mended (open-mmlab/mmdetection#11305)")
+
+
 def check(config, shape, fraction):
     """Everything about one config, as plain data."""
     import copy
@@ -233,7 +252,13 @@ def check(config, shape, fraction):
     if _replace_norm(cfg.model, 'MMSyncBN', 'BN'):
         # mmcv's SyncBN needs a process group to be built and CUDA to train: one CPU process checks the
         # same network with plain BN, and the row says so
-        row['note'] = "mmcv's MMSyncBN checked as BN"
+        _note(row, "mmcv's MMSyncBN checked as BN")
+    from mmfisher.openmmlab.analysis import config_dicts
+    torchvision_ops = [d for d in config_dicts(cfg.model) if d.get('use_torchvision')]
+    for d in torchvision_ops:
+        d['use_torchvision'] = False     # torchvision does not load beside this CPU torch: mmcv's same op
+    if torchvision_ops:
+        _note(row, "torchvision's RoI op checked as mmcv's")
     model = _step('build', lambda: build_from_config(cfg), harness=True)
     try:
         from mmdet.models.reid import BaseReID
@@ -246,8 +271,7 @@ def check(config, shape, fraction):
         model = revert_sync_batchnorm(model)     # one CPU process: no process group for SyncBN's train step
     randomise_norms(model)
     model.eval()
-    x = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(0))
-    samples = example_samples(model, tuple(x.shape))
+    _mend_upstream_bugs(model, row)
     try:
         from mmpretrain.models import BaseSelfSupervisor
         selfsup = isinstance(model, BaseSelfSupervisor)
@@ -256,11 +280,17 @@ def check(config, shape, fraction):
     if classifier and not selfsup and getattr(model, 'head', 1) is None:
         raise Harness('build: a backbone-only config (no head, so no loss): a feature extractor for other '
                       'models, nothing to train here')
-    if selfsup:      # several views / a mask: the config's own pipeline on generated images
-        batch = _step('generated batch (the config\'s train pipeline)', lambda: pipeline_batch(cfg, model),
-                      harness=True)
-    else:
-        batch = _step('generated batch', lambda: random_batch(model, 2, hw), harness=True)
+
+    def inputs_at(hw):
+        """The analysis input, its samples and a training batch at ``hw``."""
+        x = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(0))
+        samples = example_samples(model, tuple(x.shape))
+        if selfsup:      # several views / a mask: the config's own pipeline on generated images
+            batch = _step('generated batch (the config\'s train pipeline)', lambda: pipeline_batch(cfg, model),
+                          harness=True)
+        else:
+            batch = _step('generated batch', lambda: random_batch(model, 2, hw), harness=True)
+        return x, samples, batch
 
     def train_and_predict(m, what, harness):
         def run():
@@ -274,16 +304,39 @@ def check(config, shape, fraction):
                 if selfsup:      # no predict of their own: the features they are trained for, on a
                     views = batch[0]     # view of the training batch (SparK keeps the batch's mask)
                     m(views[0] if isinstance(views, list) else views, mode='tensor')
-                else:
-                    m.predict(batch[0], copy.deepcopy(batch[1]))
+                else:    # one image, as a detector is deployed (mmcv's masked conv takes no more)
+                    m.predict(batch[0][:1], copy.deepcopy(batch[1][:1]))
         _step(f'{what} train step / predict', run, harness=harness)
 
     from mmengine.logging import MessageHub
     hub = MessageHub.get_current_instance()      # what a runner tells the model (TOOD reads the epoch)
     hub.update_info('epoch', 0)
     hub.update_info('iter', 0)
+    # the control: the original model's own train step and predict. Two retries, each said in the row:
+    # a detector whose coarsest level is too small at --shape for its own kernels (SSD300's extra layers,
+    # DDOD's deformable conv on P7) gets twice the size; a model whose own init_weights sets more than
+    # random values (Sparse R-CNN's initial proposals: whole-image boxes) gets it, as a runner calls it
+    attempts = [(hw, False)] if classifier or hw != (shape, shape) else \
+        [(hw, False), ((2 * shape, 2 * shape), False), (hw, True), ((2 * shape, 2 * shape), True)]
+    initialised, first_error = False, None
+    for i, (hw, init) in enumerate(attempts):
+        if init and not initialised:
+            _step('init_weights', model.init_weights, harness=True)
+            randomise_norms(model)
+            initialised = True
+        x, samples, batch = inputs_at(hw)
+        try:
+            train_and_predict(copy.deepcopy(model), 'original model', harness=True)
+            break
+        except Harness as e:
+            if i + 1 == len(attempts):
+                raise Harness(str(first_error or e)) from e   # the error as built, at --shape
+            if not i:
+                first_error = e
+    if i:
+        _note(row, ('after its own init_weights, ' if init else '') + f'at {hw[0]}x{hw[1]}: as built at '
+                   f'{attempts[0][0][0]}x{attempts[0][0][1]}, the original model failed ({str(first_error)[:120]})')
     pristine = copy.deepcopy(model)
-    train_and_predict(copy.deepcopy(model), 'original model', harness=True)   # the control
 
     def plain_forward():        # the control: the untraced network in tensor mode on the analysis input
         with torch.no_grad():
@@ -343,8 +396,8 @@ def check(config, shape, fraction):
     if row['status'] == 'fail':
         row['error'] = f'compact outputs differ from the masked model\'s by {row["max_rel_err"]:.2e} (relative)'
     elif exact64:
-        row['note'] = (f'float32 {row["max_rel_err"]:.1e}: rounding the random-init network amplifies; '
-                       f'float64 {row["max_rel_err_float64"]:.0e}')
+        _note(row, f'float32 {row["max_rel_err"]:.1e}: rounding the random-init network amplifies; '
+                   f'float64 {row["max_rel_err_float64"]:.0e}')
     row['seconds'] = time.perf_counter() - t0
     return row
 
