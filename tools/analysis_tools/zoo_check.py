@@ -20,7 +20,8 @@ compact model with generated data. Every group that is not prunable is listed wi
 A row is ``pass``, ``fail`` (something mmfisher does went wrong: the analysis, the shrink, the
 outputs, or the compact model's train / predict while the original's work), ``harness`` (the check
 itself could not run the model: it does not build here, or the original model's own train step or
-predict fails on generated data), ``timeout`` or ``nothing prunable``.
+predict fails on generated data), ``timeout``, ``nothing prunable`` or ``no model`` (a folder of dataset or
+schedule templates, not a model family: not counted).
 
 The whole matrix takes hours on 2 cores: ``--json`` is rewritten after every family, and
 ``--resume`` keeps the families it already holds (each row records the mmfisher commit it ran on).
@@ -89,6 +90,10 @@ def family_configs(packages, families=None):
 # ---------------------------------------------------------------- one config (in a worker process)
 class Harness(Exception):
     """The check could not run the model (not mmfisher's fault)."""
+
+
+class NoModel(Harness):
+    """The config defines no model (a dataset, schedule or test-time augmentation template)."""
 
 
 _STEP_FILE = None     # the worker notes each step here, so a crash of the process is put on the right side
@@ -243,7 +248,7 @@ def check(config, shape, fraction):
     row = {'config': config}
     cfg = _step('config', lambda: Config.fromfile(config), harness=True)
     if 'model' not in cfg:
-        raise Harness('config: no model in it (a test-time augmentation or dataset config)')
+        raise NoModel('config: no model in it (a dataset, schedule or test-time augmentation template)')
     classifier = default_scope_of(cfg) == 'mmpretrain'
     hw = (224, 224) if classifier else (shape, shape)
     torch.manual_seed(0)
@@ -411,7 +416,7 @@ def worker(config, out, shape, fraction):
     try:
         row = check(config, shape, fraction)
     except Harness as e:
-        row = {'config': config, 'status': 'harness', 'error': str(e)}
+        row = {'config': config, 'status': 'no model' if isinstance(e, NoModel) else 'harness', 'error': str(e)}
     except Exception as e:  # noqa: BLE001
         row = {'config': config, 'status': 'fail', 'error': str(e),
                'traceback': traceback.format_exc()[-2000:]}
@@ -422,13 +427,14 @@ def worker(config, out, shape, fraction):
 
 # ---------------------------------------------------------------- the matrix
 def run_family(package, family, configs, args):
-    """The first candidate config whose check is not a harness failure (else the last one's row)."""
-    row = None
+    """The first candidate config whose check is not a harness failure (else the last harness row; 'no
+    model' when no candidate defines a model)."""
+    rows = []
     for config in configs:
-        row = run_one(package, family, config, args)
-        if row['status'] != 'harness':
-            break
-    return row
+        rows.append(run_one(package, family, config, args))
+        if rows[-1]['status'] not in ('harness', 'no model'):
+            return rows[-1]
+    return ([r for r in rows if r['status'] == 'harness'] or rows)[-1]
 
 
 def run_one(package, family, config, args):
