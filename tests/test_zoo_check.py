@@ -2,7 +2,9 @@
 and an mmpretrain MobileNetV2 pass; MoCo v2 (two views from its own pipeline; its momentum
 encoder loses its source's channels) passes; T2T-ViT, whose random-init network amplifies float32
 rounding past 1e-4, passes on its float64 re-check; mmdet's ReID classifier (256x128 person crops)
-passes; a config the harness cannot build is a harness row, not a failure."""
+passes; Sparse R-CNN, whose random initial proposals are boxes of negative size until its own
+init_weights makes them whole-image boxes, passes after that retry, which its row says; a config the
+harness cannot build is a harness row, not a failure."""
 import json
 import os
 import os.path as osp
@@ -20,7 +22,8 @@ def test_zoo_check_on_a_fixed_subset(tmp_path):
                config_path('mmpretrain', 'mobilenet_v2/mobilenet-v2_8xb32_in1k.py'),
                config_path('mmpretrain', 'mocov2/mocov2_resnet50_8xb32-coslr-200e_in1k.py'),
                config_path('mmpretrain', 't2t_vit/t2t-vit-t-14_8xb64_in1k.py'),
-               config_path('mmdet', 'reid/reid_r50_8xb32-6e_mot17train80_test-mot17val20.py'), str(broken)]
+               config_path('mmdet', 'reid/reid_r50_8xb32-6e_mot17train80_test-mot17val20.py'),
+               config_path('mmdet', 'sparse_rcnn/sparse-rcnn_r50_fpn_1x_coco.py'), str(broken)]
     env = dict(os.environ, PYTHONPATH=ROOT)
     res = subprocess.run([sys.executable, 'tools/analysis_tools/zoo_check.py', '--configs', *configs, '--shape', '128',
                           '--md', str(tmp_path / 'matrix.md'), '--json', str(tmp_path / 'matrix.json')],
@@ -38,6 +41,9 @@ def test_zoo_check_on_a_fixed_subset(tmp_path):
     assert t2t['status'] == 'pass' and t2t['max_rel_err'] > 1e-4 and t2t['max_rel_err_float64'] <= 1e-9, t2t
     reid = rows['reid_r50_8xb32-6e_mot17train80_test-mot17val20.py']     # 256x128 crops, LabelData labels
     assert reid['status'] == 'pass' and reid['max_rel_err'] <= 1e-4, reid
+    sparse = rows['sparse-rcnn_r50_fpn_1x_coco.py']
+    assert sparse['status'] == 'pass' and sparse['max_rel_err'] <= 1e-4, sparse
+    assert sparse['note'].startswith('after its own init_weights, at 128x128: as built at 128x128'), sparse['note']
     assert rows['broken.py']['status'] == 'harness' and 'NoSuchDetector' in rows['broken.py']['error']
     md = (tmp_path / 'matrix.md').read_text()
     assert '| mmdet | tood | `tood/tood_r50_fpn_1x_coco.py` | pass |' in md
@@ -47,5 +53,5 @@ def test_zoo_check_on_a_fixed_subset(tmp_path):
                             '--json', str(tmp_path / 'matrix.json'), '--resume'],
                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert '6 families kept' in again.stdout and '[zoo] ' not in again.stdout.replace('[zoo] 6 families kept', '')
+    assert '7 families kept' in again.stdout and '[zoo] ' not in again.stdout.replace('[zoo] 7 families kept', '')
     assert json.load(open(tmp_path / 'matrix.json')) == list(rows_in_order)
