@@ -40,8 +40,9 @@ def random_batch(model: nn.Module, batch: int = 2, shape: Sequence[int] = (320, 
     if is_det:
         from mmdet.structures import DetDataSample
         from mmengine.structures import InstanceData
+        roi_head = getattr(model, 'roi_head', None)
         # CrowdDet's multi-instance assigner gives every box its num_instance best objects: it needs as many
-        least = int(getattr(getattr(getattr(model, 'roi_head', None), 'bbox_assigner', None), 'num_instance', 1))
+        least = int(getattr(getattr(roi_head, 'bbox_assigner', None), 'num_instance', 1))
         for _ in range(batch):
             k = int(torch.randint(min(least, max_objects), max_objects + 1, (1,), generator=g))
             xy = torch.rand(k, 2, generator=g) * torch.tensor([w * 0.7, h * 0.7])
@@ -52,7 +53,6 @@ def random_batch(model: nn.Module, batch: int = 2, shape: Sequence[int] = (320, 
             s.gt_instances = InstanceData(bboxes=boxes, labels=torch.randint(0, n_cls, (k,), generator=g))
             # none ignored, as mmdet's PackDetInputs packs them (CrowdDet's sampler reads them)
             s.ignored_instances = InstanceData(bboxes=boxes.new_zeros(0, 4), labels=torch.zeros(0, dtype=torch.long))
-            roi_head = getattr(model, 'roi_head', None)
             semantic = (hasattr(model, 'semantic_head') or getattr(roi_head, 'with_semantic', False)
                         or hasattr(model, 'panoptic_head'))      # PanopticFPN, HTC's semantic branch, MaskFormer
             if getattr(model, 'with_mask', False) or getattr(roi_head, 'with_mask', False) or semantic:
