@@ -1,11 +1,13 @@
 """Does pruning pay? Group Fisher against a uniformly narrower model, L1 and random pruning, at equal FLOPs.
 
-    python benchmarks/pruning_study.py [--work-dir work_dirs/pruning_study] [--data-root data/shapes]
-                                       [--seeds 0 1] [--targets 0.5 0.3] [--base-iters 400] [--ft-iters 200]
-                                       [--quick]
+    python benchmarks/pruning_study.py [--work-dir work_dirs/pruning_study] [--dataset easy|hard]
+                                       [--data-root data/shapes] [--seeds 0 1] [--targets 0.5 0.3]
+                                       [--base-iters 400] [--ft-iters 200] [--quick]
 
-On the demo detector (RetinaNet, ResNet-18 at 1/4 width, FPN 64) and the demo's generated shapes
-data (800 train / 200 val images of 160x160), for every seed:
+On the demo detector (RetinaNet, ResNet-18 at 1/4 width, FPN 64) and generated shapes data of
+160x160: the demo's (``--dataset easy``: 800 train / 200 val images, 4 classes) or its hard variant
+(``--dataset hard``, ``configs/demo/retinanet_r18_shapes_hard.py``: 2000 / 300 images, 8 classes that
+differ in outline only, textured fills, overlaps, clutter), for every seed:
 
 * ``baseline``: trained from scratch for ``--base-iters`` iterations (the demo recipe);
 * at every FLOPs target, pruned from that baseline by ``FisherPruningHook`` (8 channels every 2
@@ -71,12 +73,19 @@ SCHEDULES = {                    # name: (interval, channels_per_step); 'default
     'paper': (10, 1),            # the paper's: 1 channel every 10 iterations (long: not run unless asked)
 }
 DEFAULT_SCHEDULES = ['2 ch / 2 it', '32 ch / 2 it', '5% / 2 it', 'one shot']
+DATASETS = {                     # name: (config every run inherits, default data root, train / val images)
+    'easy': ('retinanet_r18_shapes.py', 'data/shapes', (800, 200)),
+    'hard': ('retinanet_r18_shapes_hard.py', 'data/shapes_hard', (2000, 300)),
+}
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     p.add_argument('--work-dir', default='work_dirs/pruning_study')
-    p.add_argument('--data-root', default='data/shapes')
+    p.add_argument('--dataset', choices=list(DATASETS), default='easy',
+                   help="the generated shapes data: 'easy' (the demo's, 800 / 200 images of 4 classes) or 'hard' "
+                        "(2000 / 300 images of 8 classes that differ in outline only, textures, overlaps, clutter)")
+    p.add_argument('--data-root', default=None, help='default: data/shapes (easy) or data/shapes_hard (hard)')
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1])
     p.add_argument('--targets', type=float, nargs='+', default=[0.5, 0.3], help='FLOPs ratios to prune to')
     p.add_argument('--base-iters', type=int, default=None, help='baseline iterations (default 400; --quick 8)')
@@ -100,7 +109,8 @@ class Study:
     def __init__(self, args):
         self.args = args
         self.work = osp.abspath(args.work_dir)
-        self.data = osp.abspath(args.data_root).rstrip('/') + '/'
+        self.base_cfg = osp.join(DEMO, DATASETS[args.dataset][0])
+        self.data = osp.abspath(args.data_root or DATASETS[args.dataset][1]).rstrip('/') + '/'
         self.quick = args.quick
         os.makedirs(osp.join(self.work, 'runs'), exist_ok=True)
 
@@ -214,7 +224,7 @@ param_scheduler = [
 
     # ---------------------------------------------------------------- stages
     def baseline(self, seed, iters, name='baseline'):
-        text = f"_base_ = [{osp.join(DEMO, 'retinanet_r18_shapes.py')!r}]\n" + self.data_block() + \
+        text = f"_base_ = [{self.base_cfg!r}]\n" + self.data_block() + \
             self.schedule(iters, 100, 2e-3, 0.01) + f'randomness = dict(seed={seed})\nload_from = None\n' + \
             ("model = dict(test_cfg=dict(score_thr=0.0))\n" if self.quick else '')
         d = self.run(f'{name} s{seed}', text, expect=f'iter_{iters}.pth')
@@ -226,8 +236,9 @@ param_scheduler = [
         if normalization == 'latency':     # the latency model on this CPU at the deployment size
             h, w = (int(v) for v in self.args.sizes[-1].lower().split('x'))
             shape = f', input_shape=({h}, {w})'
-        text = f"_base_ = [{osp.join(DEMO, 'retinanet_r18_shapes_prune.py')!r}]\n" + self.data_block() + f'''
+        text = f"_base_ = [{self.base_cfg!r}]\n" + self.data_block() + f'''
 load_from = {baseline!r}
+optim_wrapper = dict(optimizer=dict(lr=2e-4))     # 1/10 of the baseline's, as in the paper
 train_cfg = dict(max_iters=100000, val_interval=100000)
 param_scheduler = [dict(type='ConstantLR', factor=1.0, by_epoch=False, begin=0, end=100000)]
 {self.hooks(100000)}randomness = dict(seed={seed})
@@ -242,24 +253,27 @@ custom_hooks = [
         return osp.join(d, pruned)
 
     def finetune(self, name, pruned, seed, iters):
-        text = f"_base_ = [{osp.join(DEMO, 'retinanet_r18_shapes_finetune.py')!r}]\n" + self.data_block() + \
+        text = f"_base_ = [{self.base_cfg!r}]\n" + self.data_block() + \
             self.schedule(iters, 50, 1e-3, 0.1) + f'''
-model = dict(channel_spec={pruned!r}{", architecture=dict(test_cfg=dict(score_thr=0.0))" if self.quick else ""})
+model = dict(_delete_=True, type='PrunedModel', channel_spec={pruned!r}, architecture={self.architecture()})
 load_from = {pruned!r}
 randomness = dict(seed={seed})
 '''
         return self.run(name, text, deps=[pruned], expect=f'iter_{iters}.pth')
 
     def scratch(self, name, spec, seed, iters):
-        text = f"_base_ = [{osp.join(DEMO, 'retinanet_r18_shapes.py')!r}]\n" + self.data_block() + \
+        text = f"_base_ = [{self.base_cfg!r}]\n" + self.data_block() + \
             self.schedule(iters, 100, 2e-3, 0.01) + f'''
-model = dict(_delete_=True, type='PrunedModel', channel_spec={spec!r},
-             architecture={"dict(_base_.model, test_cfg=dict(_base_.model.test_cfg, score_thr=0.0))"
-                           if self.quick else "_base_.model"})
+model = dict(_delete_=True, type='PrunedModel', channel_spec={spec!r}, architecture={self.architecture()})
 load_from = None     # from scratch: the runner initialises the narrow layers with their own fan-in
 randomness = dict(seed={seed})
 '''
         return self.run(name, text, deps=[spec], expect=f'iter_{iters}.pth')
+
+    def architecture(self):
+        """The config expression of the unpruned detector a PrunedModel wraps (a smoke run keeps every box)."""
+        return ("dict(_base_.model, test_cfg=dict(_base_.model.test_cfg, score_thr=0.0))" if self.quick
+                else "_base_.model")
 
     def uniform_spec(self, target):
         path = osp.join(self.work, 'runs', f'uniform_{target:.2f}.json')
@@ -271,7 +285,7 @@ randomness = dict(seed={seed})
                 'uniform_spec', osp.join(ROOT, 'tools', 'analysis_tools', 'uniform_spec.py'))
             tool = importlib.util.module_from_spec(spec)
             spec.loader.exec_module(tool)
-            tool.main([osp.join(DEMO, 'retinanet_r18_shapes.py'), '--target', 'flops', str(target),
+            tool.main([self.base_cfg, '--target', 'flops', str(target),
                           '--shape', '160', '--out', path])
         return path
 
@@ -294,9 +308,10 @@ def main(argv=None):
     methods = {k: v for k, v in METHODS.items() if k == 'fisher-M' or k in args.methods}
     t_start = time.perf_counter()
     study = Study(args)
-    from mmfisher.datasets.shapes import SHAPES, make_coco_shapes
-    n_train, n_val = (32, 8) if args.quick else (800, 200)
-    make_coco_shapes(study.data, num_train=n_train, num_val=n_val, size=160, names=SHAPES)
+    from mmfisher.datasets.shapes import HARD_SHAPES, SHAPES, make_coco_shapes
+    n_train, n_val = (32, 8) if args.quick else DATASETS[args.dataset][2]
+    make_coco_shapes(study.data, num_train=n_train, num_val=n_val, size=160, variant=args.dataset,
+                     names=HARD_SHAPES if args.dataset == 'hard' else SHAPES)
     schedules = {k: v for k, v in SCHEDULES.items() if k == 'default' or k in args.schedules}
     if args.quick:
         schedules = {'default': (1, 40), 'one shot': (4, 100000)}
@@ -360,7 +375,7 @@ def measure(rows, args):
     from mmfisher.openmmlab import build_from_config, build_pruned_model, register_all_modules
     from mmfisher.openmmlab.benchmarking import complexity, interleaved_latency, tensor_run
     register_all_modules()
-    arch = Config.fromfile(osp.join(DEMO, 'retinanet_r18_shapes.py'))
+    arch = Config.fromfile(osp.join(DEMO, DATASETS[args.dataset][0]))
     specs = []
     for r in rows:
         if r['spec'] not in specs:
@@ -422,9 +437,10 @@ def write_report(study, rows, measures, args, seconds):
     head = ('| model | FLOPs target | bbox mAP | mAP@50 | params (M) | FLOPs (G) | activations (M) | '
             + ' | '.join(f'latency {s} (ms)' for s in sizes) + ' | iterations |')
     lines = [
-        '# Pruning study: the demo RetinaNet on the generated shapes data',
+        f'# Pruning study: the demo RetinaNet on the {args.dataset} generated shapes data',
         '',
-        f'`python benchmarks/pruning_study.py --seeds {" ".join(map(str, args.seeds))} --targets '
+        f'`python benchmarks/pruning_study.py' + ('' if args.dataset == 'easy' else f' --dataset {args.dataset}')
+        + f' --seeds {" ".join(map(str, args.seeds))} --targets '
         f'{" ".join(map(str, args.targets))} --base-iters {args.base_iters} --ft-iters {args.ft_iters}'
         + ('' if set(args.methods) == set(METHODS) else ' --methods ' + ' '.join(args.methods))
         + ('' if args.schedules == DEFAULT_SCHEDULES else ' --schedules ' + ' '.join(f"'{x}'" for x in args.schedules))
