@@ -51,3 +51,21 @@ def test_study_quick_reports_every_row_and_caches_its_runs(tmp_path):
     third = study(moved, '--ft-iters', '5')
     assert '[study] baseline s0: cached' in third and '[study] fisher-M 0.5 s0 prune: cached' in third
     assert '===== [study] fisher-M 0.5 s0 =====' in third and '===== [study] uniform 0.5 s0 =====' in third
+
+
+def test_study_quick_on_the_hard_data_trains_the_eight_class_detector(tmp_path):
+    study(tmp_path, '--dataset', 'hard', '--methods', 'fisher-M', '--schedules')
+    report = (tmp_path / 'study' / 'report.md').read_text()
+    assert report.startswith('# Pruning study: the demo RetinaNet on the hard generated shapes data')
+    assert '--dataset hard' in report
+    for row in ['baseline', 'fisher-M', 'fisher-M arch, re-init', 'uniform', 'baseline, trained as long']:
+        assert f'| {row} |' in report, row
+    assert '| l1-M |' not in report and '| fisher-M, one shot |' not in report
+    with open(tmp_path / 'data' / 'annotations' / 'instances_train2017.json') as f:
+        assert json.load(f)['info']['mmfisher']['variant'] == 'hard'
+    from mmengine.config import Config
+    for run in ('baseline_s0', 'fisher-M_0.5_s0', 'uniform_0.5_s0'):   # the detector and the compact models
+        cfg = Config.fromfile(str(tmp_path / 'study' / 'runs' / run / 'config.py'))
+        model = cfg.model.get('architecture', cfg.model)
+        assert model.bbox_head.num_classes == 8, run
+        assert len(cfg.train_dataloader.dataset.metainfo.classes) == 8, run
