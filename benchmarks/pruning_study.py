@@ -314,7 +314,7 @@ def main(argv=None):
                      names=HARD_SHAPES if args.dataset == 'hard' else SHAPES)
     schedules = {k: v for k, v in SCHEDULES.items() if k == 'default' or k in args.schedules}
     if args.quick:
-        schedules = {'default': (1, 40), 'one shot': (4, 100000)}
+        schedules = {'default': (1, 40), **({'one shot': (4, 100000)} if args.schedules else {})}
 
     rows = []   # one per trained model: method, target, seed, run dir, spec, total iterations
 
