@@ -20,7 +20,8 @@ setup(
         'numpy',
         'scikit-learn',  # mmdet's PAA head fits a GMM when training
     ],
-    extras_require={'tests': ['pytest>=7', 'onnx', 'onnxruntime'], 'onnx': ['onnx', 'onnxruntime'],
+    # the tests build mmdet's BoxInst, whose data preprocessor needs scikit-image
+    extras_require={'tests': ['pytest>=7', 'onnx', 'onnxruntime', 'scikit-image'], 'onnx': ['onnx', 'onnxruntime'],
                     # what mmdet's BoxInst and tracking configs import when built (the support matrix)
                     'zoo': ['scikit-image', 'lap', 'motmetrics']},
 )
