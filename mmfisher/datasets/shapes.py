@@ -47,14 +47,7 @@ def _draw(img: np.ndarray, kind: int, box: Tuple[int, int, int, int], color: np.
     yy, xx = np.mgrid[0:h, 0:w]
     u = (xx + 0.5) / w * 2 - 1
     v = (yy + 0.5) / h * 2 - 1
-    if kind == 0:
-        mask = np.ones((h, w), bool)
-    elif kind == 1:
-        mask = u ** 2 + v ** 2 <= 1
-    elif kind == 2:
-        mask = (v >= -1) & (np.abs(u) <= (v + 1) / 2)
-    else:
-        mask = _outline(kind, u, v)
+    mask = _outline(kind, u, v)
     region = img[y0:y1, x0:x1]
     region[mask] = color
 
