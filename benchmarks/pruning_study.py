@@ -14,7 +14,8 @@ differ in outline only, textured fills, overlaps, clutter), for every seed:
   iterations, lr 2e-4) and fine-tuned, with the importance criterion
   and normalisation of the row: ``fisher-M`` (the default), ``fisher-F``, ``l1-M`` (filter L1 norm),
   ``random-M`` (seeded by the seed), ``fisher-L`` (latency normalisation, its latency model measured
-  on this CPU at the last of ``--sizes``, the deployment size); fisher-M is fine-tuned for
+  on this CPU at the last of ``--sizes``, the deployment size), ``l1-U`` (filter L1 norm, no
+  normalisation: the usual L1 baseline); fisher-M is fine-tuned for
   ``--ft-iters`` iterations, every other row for as many as make its total (baseline + pruning +
   fine-tuning) equal to fisher-M's, since criteria reach the target in different numbers of iterations;
 * ``uniform``: every prunable width scaled by one factor so that the FLOPs match the target
@@ -28,15 +29,17 @@ differ in outline only, textured fills, overlaps, clutter), for every seed:
   5% of the removable channels every 2, and one shot (everything after 20 iterations of Fisher);
   the paper's (1 channel every 10 iterations) only when ``--schedules`` names it.
 
-``--methods`` and ``--schedules`` restrict the rows (e.g. a diagnosis on a longer-trained baseline).
+``--methods``, ``--first-target-methods``, ``--controls`` and ``--schedules`` choose the rows (e.g. the
+slower criteria at the first target only, or no re-initialised row).
 
 Every training is ``tools/train.py`` in a subprocess (its final validation gives bbox mAP and mAP@50).
 Then, in this process, every distinct architecture is built and measured side by side: params,
 FLOPs and activations from mmengine's analysis, and CPU latency (batch 1, tensor mode, median of
 interleaved runs) at the training size and at 640x640. Writes ``report.md``, ``results.json`` and
 ``pruning_study.png`` (mAP against latency, the Pareto front drawn) to the work dir. With two or
-more targets the report adds mAP at equal latency: each method's mAP interpolated linearly between its
-own rows at the latency of every row (never extrapolated).
+more targets the report adds mAP at equal latency: each method run at two or more targets has its mAP
+interpolated linearly between its own rows at the latency of every pruned or scaled row (never
+extrapolated).
 
 Every run is cached in ``runs/<name>``: it is redone only when its config (including the demo configs
 it inherits), or the run it starts from, changed; the key does not depend on where the checkout or the
@@ -63,7 +66,9 @@ METHODS = {                      # name: (importance, normalization)
     'l1-M': ('l1', 'memory'),
     'random-M': ('random', 'memory'),
     'fisher-L': ('fisher', 'latency'),     # latency model measured at the last --sizes (the deployment size)
+    'l1-U': ('l1', 'none'),                # the usual L1 baseline: no normalisation (tells criterion from -M)
 }
+CONTROLS = ['re-init', 'uniform', 'as-long']   # the rows trained from scratch
 SCHEDULES = {                    # name: (interval, channels_per_step); 'default' is the main rows'
     'default': (2, 8),
     '2 ch / 2 it': (2, 2),
@@ -94,7 +99,13 @@ def parse_args(argv=None):
                    help='timed runs per model and input size (default 30; --quick 3)')
     p.add_argument('--sizes', nargs='+', default=['160x160', '640x640'], help='latency input sizes, HxW')
     p.add_argument('--methods', nargs='+', default=list(METHODS), choices=list(METHODS),
-                   help='pruned rows to run (fisher-M always runs: the other rows\' budgets follow it)')
+                   help='pruned rows to run at every target (fisher-M always runs: the other rows\' budgets '
+                        'follow it)')
+    p.add_argument('--first-target-methods', nargs='*', default=[], choices=list(METHODS),
+                   help='pruned rows to run at the first target only (after every row of --methods)')
+    p.add_argument('--controls', nargs='*', default=CONTROLS, choices=CONTROLS,
+                   help='rows trained from scratch: re-init (the fisher-M architecture at every target), '
+                        'uniform (at every target), as-long (the unpruned network); default: all three')
     p.add_argument('--schedules', nargs='*', default=DEFAULT_SCHEDULES,
                    choices=[k for k in SCHEDULES if k != 'default'],
                    help='other fisher-M schedules, at the first target (none: give the option no value); '
@@ -306,6 +317,7 @@ def main(argv=None):
     if args.quick:
         args.seeds, args.targets, args.sizes = args.seeds[:1], args.targets[:1], args.sizes[:1]
     methods = {k: v for k, v in METHODS.items() if k == 'fisher-M' or k in args.methods}
+    first_only = {k: v for k, v in METHODS.items() if k in args.first_target_methods and k not in methods}
     t_start = time.perf_counter()
     study = Study(args)
     from mmfisher.datasets.shapes import HARD_SHAPES, SHAPES, make_coco_shapes
@@ -328,7 +340,7 @@ def main(argv=None):
         base = study.baseline(seed, args.base_iters)
         add('baseline', 1.0, seed, osp.dirname(base), None, args.base_iters)
         for target in args.targets:
-            for method, (importance, norm) in methods.items():
+            for method, (importance, norm) in {**methods, **(first_only if target == args.targets[0] else {})}.items():
                 interval, per_step = schedules['default']
                 pruned = study.prune(f'{method} {target} s{seed} prune', base, seed, target, importance, norm,
                                      interval, per_step)
@@ -339,16 +351,19 @@ def main(argv=None):
                 ft = max(1, total - args.base_iters - p_iters)
                 d = study.finetune(f'{method} {target} s{seed}', pruned, seed, ft)
                 add(method, target, seed, d, pruned, args.base_iters + p_iters + ft)
-            d = study.scratch(f'fisher-M arch re-init {target} s{seed}', fisher_spec, seed, total)
-            add('fisher-M arch, re-init', target, seed, d, fisher_spec, total)
-            uni = study.uniform_spec(target)
-            d = study.scratch(f'uniform {target} s{seed}', uni, seed, total)
-            add('uniform', target, seed, d, uni, total)
+            if 're-init' in args.controls:
+                d = study.scratch(f'fisher-M arch re-init {target} s{seed}', fisher_spec, seed, total)
+                add('fisher-M arch, re-init', target, seed, d, fisher_spec, total)
+            if 'uniform' in args.controls:
+                uni = study.uniform_spec(target)
+                d = study.scratch(f'uniform {target} s{seed}', uni, seed, total)
+                add('uniform', target, seed, d, uni, total)
             if target == args.targets[0]:
                 long_total = total
-        # the unpruned network trained as long as fisher-M at the first target: what pruning costs in mAP
-        d = osp.dirname(study.baseline(seed, long_total, name='baseline as long'))
-        add('baseline, trained as long', 1.0, seed, d, None, long_total)
+        if 'as-long' in args.controls:
+            # the unpruned network trained as long as fisher-M at the first target: what pruning costs in mAP
+            d = osp.dirname(study.baseline(seed, long_total, name='baseline as long'))
+            add('baseline, trained as long', 1.0, seed, d, None, long_total)
         target = args.targets[0]
         for sched, (interval, per_step) in schedules.items():
             if sched == 'default':
@@ -443,6 +458,8 @@ def write_report(study, rows, measures, args, seconds):
         + f' --seeds {" ".join(map(str, args.seeds))} --targets '
         f'{" ".join(map(str, args.targets))} --base-iters {args.base_iters} --ft-iters {args.ft_iters}'
         + ('' if set(args.methods) == set(METHODS) else ' --methods ' + ' '.join(args.methods))
+        + (' --first-target-methods ' + ' '.join(args.first_target_methods) if args.first_target_methods else '')
+        + ('' if args.controls == CONTROLS else ' --controls' + ''.join(' ' + c for c in args.controls))
         + ('' if args.schedules == DEFAULT_SCHEDULES else ' --schedules ' + ' '.join(f"'{x}'" for x in args.schedules))
         + (' --quick' if args.quick else '') + f'` ({seconds / 60:.0f} min on this machine, torch '
         f'{torch.__version__}, {torch.get_num_threads()} threads).',
@@ -487,14 +504,16 @@ def write_report(study, rows, measures, args, seconds):
 
 def equal_latency(table, size):
     """The methods pruned (or scaled) to two or more FLOPs targets, each as its (latency, mean mAP) points
-    sorted by latency at ``size``, and the reference latencies: those of all their rows."""
+    sorted by latency at ``size``, and the reference latencies: those of every pruned or scaled row (a method
+    run at one target only is compared there with the curves of the others)."""
     curves = {}
     for row in table:
         if row['mAP'][0] is not None and not row['method'].startswith('baseline'):
             curves.setdefault(row['method'], []).append((row[f'latency@{size}'][0], row['mAP'][0]))
     curves = {k: sorted(v) for k, v in curves.items() if len(v) >= 2}
     refs = [(f'{row["method"]} {row["target"]:.2f}', row[f'latency@{size}'][0]) for row in table
-            if row['method'] in curves and row['method'] != 'fisher-M arch, re-init']   # that one: fisher-M's
+            if not row['method'].startswith('baseline') and row['mAP'][0] is not None
+            and row['method'] != 'fisher-M arch, re-init']   # that one: fisher-M's latency
     return refs, curves
 
 

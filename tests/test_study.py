@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 ROOT = osp.abspath(osp.join(osp.dirname(__file__), '..'))
-ROWS = ['baseline', 'baseline, trained as long', 'fisher-M', 'fisher-F', 'l1-M', 'random-M', 'fisher-L',
+ROWS = ['baseline', 'baseline, trained as long', 'fisher-M', 'fisher-F', 'l1-M', 'random-M', 'fisher-L', 'l1-U',
         'fisher-M arch, re-init', 'uniform',
         'fisher-M, one shot']
 
@@ -35,7 +35,7 @@ def test_study_quick_reports_every_row_and_caches_its_runs(tmp_path):
         if method != 'baseline':   # FLOPs counted by mmengine, not by mmfisher: the target is met within 2%
             assert abs(r['flops'] / base['flops'] - target) <= 0.02 * target, method
     # every main row trains as long in all (baseline + pruning + fine-tuning, or from scratch) as fisher-M
-    for row in ['fisher-F', 'l1-M', 'random-M', 'fisher-L', 'uniform', 'fisher-M arch, re-init']:
+    for row in ['fisher-F', 'l1-M', 'random-M', 'fisher-L', 'l1-U', 'uniform', 'fisher-M arch, re-init']:
         assert table[(row, 0.5)]['iters'] == table[('fisher-M', 0.5)]['iters'], row
     assert table[('baseline, trained as long', 1.0)]['iters'] == table[('fisher-M', 0.5)]['iters']
     n_runs = out.count('===== [study]') - 1           # every training, and the measuring banner
@@ -54,13 +54,15 @@ def test_study_quick_reports_every_row_and_caches_its_runs(tmp_path):
 
 
 def test_study_quick_on_the_hard_data_trains_the_eight_class_detector(tmp_path):
-    study(tmp_path, '--dataset', 'hard', '--methods', 'fisher-M', '--schedules')
+    study(tmp_path, '--dataset', 'hard', '--methods', 'fisher-M', '--first-target-methods', 'l1-U',
+          '--controls', 'uniform', '--schedules')
     report = (tmp_path / 'study' / 'report.md').read_text()
     assert report.startswith('# Pruning study: the demo RetinaNet on the hard generated shapes data')
-    assert '--dataset hard' in report
-    for row in ['baseline', 'fisher-M', 'fisher-M arch, re-init', 'uniform', 'baseline, trained as long']:
+    assert '--dataset hard' in report and '--first-target-methods l1-U --controls uniform' in report
+    for row in ['baseline', 'fisher-M', 'l1-U', 'uniform']:
         assert f'| {row} |' in report, row
-    assert '| l1-M |' not in report and '| fisher-M, one shot |' not in report
+    for row in ['l1-M', 'fisher-M, one shot', 'fisher-M arch, re-init', 'baseline, trained as long']:
+        assert f'| {row} |' not in report, row
     with open(tmp_path / 'data' / 'annotations' / 'instances_train2017.json') as f:
         assert json.load(f)['info']['mmfisher']['variant'] == 'hard'
     from mmengine.config import Config
@@ -69,3 +71,23 @@ def test_study_quick_on_the_hard_data_trains_the_eight_class_detector(tmp_path):
         model = cfg.model.get('architecture', cfg.model)
         assert model.bbox_head.num_classes == 8, run
         assert len(cfg.train_dataloader.dataset.metainfo.classes) == 8, run
+
+
+def test_equal_latency_compares_every_pruned_row_with_the_curves_of_methods_run_at_two_targets():
+    sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
+    from pruning_study import equal_latency, interpolate
+
+    def row(method, target, latency, m):
+        return {'method': method, 'target': target, 'mAP': (m, m, m), 'latency@640x640': (latency, latency, latency)}
+    table = [row('baseline', 1.0, 90.0, 0.60), row('fisher-M', 0.5, 70.0, 0.55), row('fisher-M', 0.3, 50.0, 0.45),
+             row('l1-M', 0.5, 60.0, 0.30), row('fisher-M arch, re-init', 0.5, 70.0, 0.56),
+             row('uniform', 0.5, 65.0, 0.50), row('uniform', 0.3, 45.0, 0.40)]
+    refs, curves = equal_latency(table, '640x640')
+    assert set(curves) == {'fisher-M', 'uniform'}          # l1-M and re-init: one target each, no curve
+    assert curves['fisher-M'] == [(50.0, 0.45), (70.0, 0.55)]
+    assert [label for label, _ in refs] == ['fisher-M 0.50', 'fisher-M 0.30', 'l1-M 0.50', 'uniform 0.50',
+                                            'uniform 0.30']
+    # at l1-M's 60 ms: halfway between fisher-M's two rows; uniform's rows span 45-65 ms: 3/4 of the way
+    assert abs(interpolate(curves['fisher-M'], 60.0) - 0.50) < 1e-12
+    assert abs(interpolate(curves['uniform'], 60.0) - 0.475) < 1e-12
+    assert interpolate(curves['uniform'], 70.0) is None    # never extrapolated
