@@ -55,3 +55,35 @@ def test_zoo_check_on_a_fixed_subset(tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert '7 families kept' in again.stdout and '[zoo] ' not in again.stdout.replace('[zoo] 7 families kept', '')
     assert json.load(open(tmp_path / 'matrix.json')) == list(rows_in_order)
+
+
+def _zoo_check():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('zoo_check', osp.join(ROOT, 'tools', 'analysis_tools', 'zoo_check.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mask_pasting_with_every_box_outside_the_image_takes_the_gpu_path():
+    """mmdet 3.3 pastes masks on CPU into the region the boxes span; with every box beyond the image
+    (QueryInst's random-init cascade) that region is empty and torch.arange raises. The mend takes the
+    path mmdet takes on GPU (paste over the whole image): empty masks, said in the row."""
+    import pytest
+    import torch
+    from mmdet.models.roi_heads.mask_heads.fcn_mask_head import _do_paste_mask
+    masks = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    outside = torch.tensor([[300., 10., 340., 50.], [280., 0., 400., 90.], [270., 200., 290., 250.]])
+    with pytest.raises(RuntimeError):
+        _do_paste_mask(masks, outside, 256, 256, skip_empty=True)
+    row = {}
+    mended = _zoo_check()._paste_masks_outside_the_image(_do_paste_mask, row)
+    out, where = mended(masks, outside, 256, 256, skip_empty=True)
+    gpu_path, _ = _do_paste_mask(masks, outside, 256, 256, skip_empty=False)
+    assert out.shape == (3, 256, 256) and where == () and torch.equal(out, gpu_path) and not out.any()
+    assert 'every box outside the image' in row['note']
+    inside = torch.tensor([[10., 20., 60., 90.], [100., 100., 250., 200.], [0., 0., 30., 30.]])
+    row = {}
+    out, where = mended(masks, inside, 256, 256, skip_empty=True)      # the usual case: unchanged, no note
+    ref, ref_where = _do_paste_mask(masks, inside, 256, 256, skip_empty=True)
+    assert torch.equal(out, ref) and where == ref_where and 'note' not in row

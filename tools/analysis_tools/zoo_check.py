@@ -228,6 +228,32 @@ def _mend_upstream_bugs(model, row):
             # mmdet 3.3's predict reads a loss_cls SSDHead never sets (open-mmlab/mmdetection#11305, #11780)
             m.loss_cls = None
             _note(row, "mmdet 3.3's SSDHead predict bug mended (open-mmlab/mmdetection#11305)")
+    from mmdet.models.roi_heads.mask_heads import FCNMaskHead, fcn_mask_head
+    if any(isinstance(m, FCNMaskHead) for m in model.modules()) and \
+            not getattr(fcn_mask_head._do_paste_mask, 'mended', False):
+        fcn_mask_head._do_paste_mask = _paste_masks_outside_the_image(fcn_mask_head._do_paste_mask, row)
+
+
+def _paste_masks_outside_the_image(paste, row):
+    """mmdet 3.3's mask pasting on CPU (``skip_empty``) pastes into the region the boxes span, clamped to
+    the image; when every box lies outside the image that region is empty and ``torch.arange`` raises
+    (on GPU the same call pastes over the whole image and returns empty masks). Random-init cascades
+    (QueryInst's six refinement stages) do send every box out. Mended by taking the GPU path there."""
+    import torch
+
+    def mended(masks, boxes, img_h, img_w, skip_empty=True):
+        if skip_empty and len(boxes):
+            x0, y0 = torch.clamp(boxes.min(dim=0).values.floor()[:2] - 1, min=0)
+            x1 = torch.clamp(boxes[:, 2].max().ceil() + 1, max=img_w)
+            y1 = torch.clamp(boxes[:, 3].max().ceil() + 1, max=img_h)
+            if x0 > x1 or y0 > y1:
+                if 'every box outside' not in row.get('note', ''):
+                    _note(row, "mmdet 3.3's CPU mask pasting with every box outside the image mended "
+                               "(the GPU path: empty masks)")
+                skip_empty = False
+        return paste(masks, boxes, img_h, img_w, skip_empty=skip_empty)
+    mended.mended = True
+    return mended
 
 
 def check(config, shape, fraction):
