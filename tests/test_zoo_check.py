@@ -87,3 +87,20 @@ def test_mask_pasting_with_every_box_outside_the_image_takes_the_gpu_path():
     out, where = mended(masks, inside, 256, 256, skip_empty=True)      # the usual case: unchanged, no note
     ref, ref_where = _do_paste_mask(masks, inside, 256, 256, skip_empty=True)
     assert torch.equal(out, ref) and where == ref_where and 'note' not in row
+
+
+def test_weight_standardised_convs_are_calibrated_to_their_weights_as_loading_does():
+    """DetectoRS's ConvAWS2d standardises its weight and rescales it by buffers that are ones and zeros
+    when built (a random-init ResNet of them overflows); loading weights sets the buffers to the weight's
+    per-filter std and mean. After the calibration each conv computes the plain conv of its own weights."""
+    import torch
+    import torch.nn.functional as F
+    from mmcv.cnn.bricks.conv_ws import ConvAWS2d
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(ConvAWS2d(8, 16, 3, padding=1), torch.nn.ReLU(), ConvAWS2d(16, 4, 1))
+    x = torch.randn(2, 8, 10, 10)
+    plain = F.conv2d(F.relu(F.conv2d(x, net[0].weight, net[0].bias, padding=1)), net[2].weight, net[2].bias)
+    assert (net(x) - plain).abs().max() > 1.0            # as built: standardised weights, far larger outputs
+    assert _zoo_check()._calibrate_weight_standardisation(net)
+    torch.testing.assert_close(net(x), plain, rtol=1e-5, atol=1e-5)
+    assert not _zoo_check()._calibrate_weight_standardisation(torch.nn.Conv2d(3, 3, 1))

@@ -211,6 +211,25 @@ def _replace_norm(cfg, old, new):
     return bool(hits)
 
 
+def _calibrate_weight_standardisation(model):
+    """mmcv's ConvAWS2d (DetectoRS) standardises its weight, then scales it by ``weight_gamma`` and shifts it
+    by ``weight_beta``: buffers of ones and zeros when built, which loading a checkpoint without them sets to
+    the loaded weight's per-filter std and mean (its ``_load_from_state_dict``). Left at ones, every conv
+    multiplies by about sqrt(fan-in) and a random-init ResNet overflows to inf. Loads each one's own weights
+    back, as loading any checkpoint does; returns whether there was any."""
+    try:
+        from mmcv.cnn.bricks.conv_ws import ConvAWS2d
+    except ImportError:  # pragma: no cover
+        return False
+    found = False
+    for m in model.modules():
+        if isinstance(m, ConvAWS2d):
+            state = {k: v for k, v in m.state_dict().items() if k not in ('weight_gamma', 'weight_beta')}
+            m.load_state_dict(state, strict=False)
+            found = True
+    return found
+
+
 def _note(row, text):
     """Add ``text`` to the row's note (what the check changed or saw, shown in the matrix)."""
     row['note'] = '; '.join(filter(None, [row.get('note'), text]))
@@ -300,6 +319,8 @@ def check(config, shape, fraction):
     if any(isinstance(m, torch.nn.SyncBatchNorm) for m in model.modules()):
         from mmengine.model import revert_sync_batchnorm
         model = revert_sync_batchnorm(model)     # one CPU process: no process group for SyncBN's train step
+    if _calibrate_weight_standardisation(model):
+        _note(row, "mmcv's ConvAWS2d calibrated to its random weights, as loading any checkpoint does")
     randomise_norms(model)
     model.eval()
     _mend_upstream_bugs(model, row)
@@ -353,6 +374,7 @@ def check(config, shape, fraction):
     for i, (hw, init) in enumerate(attempts):
         if init and not initialised:
             _step('init_weights', model.init_weights, harness=True)
+            _calibrate_weight_standardisation(model)
             randomise_norms(model)
             initialised = True
         x, samples, batch = inputs_at(hw)
