@@ -59,7 +59,8 @@ def test_zoo_check_on_a_fixed_subset(tmp_path):
 
 def _zoo_check():
     import importlib.util
-    spec = importlib.util.spec_from_file_location('zoo_check', osp.join(ROOT, 'tools', 'analysis_tools', 'zoo_check.py'))
+    path = osp.join(ROOT, 'tools', 'analysis_tools', 'zoo_check.py')
+    spec = importlib.util.spec_from_file_location('zoo_check', path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
