@@ -480,7 +480,7 @@ def write_report(study, rows, measures, args, seconds):
             f'{row["activations"] / 1e6:.2f} | '
             + ' | '.join(cell(row[f'latency@{s}'], '{:.1f}') for s in sizes) + f' | {row["iters"]:.0f} |')
     refs, curves = equal_latency(table, sizes[-1])
-    if refs:
+    if curves:      # some method ran at two or more targets
         names = list(curves)
         lines += ['', f'bbox mAP at equal latency ({sizes[-1]}): at the measured latency of each row, '
                   f'every method\'s mean mAP interpolated linearly between its own two rows '
@@ -506,14 +506,13 @@ def equal_latency(table, size):
     """The methods pruned (or scaled) to two or more FLOPs targets, each as its (latency, mean mAP) points
     sorted by latency at ``size``, and the reference latencies: those of every pruned or scaled row (a method
     run at one target only is compared there with the curves of the others)."""
+    rows = [row for row in table if row['mAP'][0] is not None and not row['method'].startswith('baseline')]
     curves = {}
-    for row in table:
-        if row['mAP'][0] is not None and not row['method'].startswith('baseline'):
-            curves.setdefault(row['method'], []).append((row[f'latency@{size}'][0], row['mAP'][0]))
+    for row in rows:
+        curves.setdefault(row['method'], []).append((row[f'latency@{size}'][0], row['mAP'][0]))
     curves = {k: sorted(v) for k, v in curves.items() if len(v) >= 2}
-    refs = [(f'{row["method"]} {row["target"]:.2f}', row[f'latency@{size}'][0]) for row in table
-            if not row['method'].startswith('baseline') and row['mAP'][0] is not None
-            and row['method'] != 'fisher-M arch, re-init']   # that one: fisher-M's latency
+    refs = [(f'{row["method"]} {row["target"]:.2f}', row[f'latency@{size}'][0]) for row in rows
+            if row['method'] != 'fisher-M arch, re-init']   # that one: fisher-M's latency
     return refs, curves
 
 

@@ -29,6 +29,7 @@ def test_study_quick_reports_every_row_and_caches_its_runs(tmp_path):
     for row in ROWS:
         assert f'| {row} |' in report, row
     assert (tmp_path / 'study' / 'pruning_study.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert 'at equal latency' not in report      # one target: no method has a curve to interpolate on
     table = {(r['method'], r['target']): r for r in json.load(open(tmp_path / 'study' / 'results.json'))['table']}
     base = table[('baseline', 1.0)]
     for (method, target), r in table.items():
