@@ -292,8 +292,12 @@ class Conv(LayerType):
             flop_rows = sum(math.prod(c.in_shape) // c.in_shape[1] for c in rec.calls) / batch
         return Geometry(rows, flop_rows, int(math.prod(m.kernel_size)), m.groups, m.bias is not None)
 
+    def weight_of(self, m: nn.Module) -> torch.Tensor:
+        """The weight the forward convolves with (a subclass that transforms its weight overrides this)."""
+        return m.weight
+
     def filter_l1(self, m, keep_in):
-        w = m.weight.detach().abs().double()
+        w = self.weight_of(m).detach().abs().double()
         g = m.groups
         if getattr(m, 'transposed', False):                                          # [in, out / g, *k]
             per_in = w.flatten(2).sum(2) * keep_in.to(w.device, w.dtype)[:, None]    # [in, out / g]
