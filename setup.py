@@ -20,8 +20,10 @@ setup(
         'numpy',
         'scikit-learn',  # mmdet's PAA head fits a GMM when training
     ],
-    # the tests build mmdet's BoxInst, whose data preprocessor needs scikit-image
-    extras_require={'tests': ['pytest>=7', 'onnx', 'onnxruntime', 'scikit-image'], 'onnx': ['onnx', 'onnxruntime'],
+    # the tests build mmdet's BoxInst, whose data preprocessor needs scikit-image, and OC-SORT, whose
+    # tracker needs lap
+    extras_require={'tests': ['pytest>=7', 'onnx', 'onnxruntime', 'scikit-image', 'lap'],
+                    'onnx': ['onnx', 'onnxruntime'],
                     # what mmdet's BoxInst and tracking configs import when built (the support matrix)
                     'zoo': ['scikit-image', 'lap', 'motmetrics']},
 )

@@ -86,17 +86,19 @@ def example_samples(model: nn.Module, shape: Sequence[int]) -> Optional[list]:
         from mmdet.models.detectors import BaseDetector
     except ImportError:  # pragma: no cover
         return None
-    if not isinstance(model, BaseDetector):
+    from .synthetic import detector_of, random_batch
+    if not isinstance(detector_of(model), BaseDetector):
         return None
-    from .synthetic import random_batch
     return random_batch(model, int(shape[0]), (int(shape[-2]), int(shape[-1])))[1]
 
 
 def tensor_forward(model: nn.Module, x: torch.Tensor, samples: Optional[list]) -> Any:
     """The network in 'tensor' mode: a detector's ``_forward`` (with its RoI head, if any) or a
-    classifier's ``forward(mode='tensor')``; no post-processing."""
+    classifier's ``forward(mode='tensor')``; no post-processing. A semi-supervised detector runs its
+    teacher or student, a tracker its detector (:func:`~mmfisher.openmmlab.synthetic.tensor_network`)."""
+    from .synthetic import tensor_network
     if samples is not None:
-        return model._forward(x, samples)
+        return tensor_network(model)._forward(x, samples)
     return model(x, mode='tensor')
 
 
@@ -135,9 +137,12 @@ def example_loss(model: nn.Module, shape: Sequence[int] = (1, 3, 320, 320)) -> C
 
 # Copies kept in step with a part of the model that are not averaged-model wrappers (those are found
 # by mmfisher.core.mirrors): class name -> (copy, source) module names. CAE's teacher is a second
-# backbone updated from the backbone by a momentum loop over their parameters.
+# backbone updated from the backbone by a momentum loop over their parameters; a semi-supervised
+# detector's teacher (soft teacher) is a second detector that mmdet's MeanTeacherHook averages the
+# student into, parameter by parameter.
 KNOWN_MIRRORS = {
     'CAE': [('teacher', 'backbone')],
+    'SemiBaseDetector': [('teacher', 'student')],
 }
 
 

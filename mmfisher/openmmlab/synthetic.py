@@ -26,7 +26,10 @@ def _num_classes(model: nn.Module, default: int = 80) -> int:
 
 def random_batch(model: nn.Module, batch: int = 2, shape: Sequence[int] = (320, 320),
                  seed: int = 0, max_objects: int = 4) -> Tuple[torch.Tensor, List]:
-    """``(inputs, data_samples)`` for ``model.loss`` / ``model.train_step``-free training loops."""
+    """``(inputs, data_samples)`` for ``model.loss`` / ``model.train_step``-free training loops. A
+    wrapper gets its detector's batch (:func:`detector_of`; :func:`loss_of` makes a semi-supervised
+    detector's branches)."""
+    model = detector_of(model)
     g = torch.Generator().manual_seed(seed)
     h, w = int(shape[0]), int(shape[1])
     inputs = torch.randn(batch, 3, h, w, generator=g)
@@ -117,8 +120,65 @@ def _training_targets(model: nn.Module, inputs: torch.Tensor, samples: List) -> 
     return out['inputs'].cpu(), out['data_samples']
 
 
+def _semi_supervised(model: nn.Module) -> bool:
+    try:
+        from mmdet.models.detectors import SemiBaseDetector
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, SemiBaseDetector)
+
+
+def _tracker_of_its_detector(model: nn.Module) -> bool:
+    """A tracker whose only network is its detector (ByteTrack, OC-SORT: their loss is the detector's
+    loss on single images; the motion model and the association have nothing to train)."""
+    try:
+        from mmdet.models.mot import BaseMOTModel
+    except ImportError:  # pragma: no cover
+        return False
+    return (isinstance(model, BaseMOTModel) and model.with_detector and not model.with_reid
+            and not model.with_track_head)
+
+
+def detector_of(model: nn.Module) -> nn.Module:
+    """The detector a wrapper trains, whose batches it takes: a semi-supervised detector's student, the
+    detector of a tracker that trains nothing else (:func:`_tracker_of_its_detector`); else ``model``."""
+    if _semi_supervised(model):
+        return model.student
+    if _tracker_of_its_detector(model):
+        return model.detector
+    return model
+
+
+def tensor_network(model: nn.Module) -> nn.Module:
+    """The network whose tensor forward stands for ``model``'s: the teacher or the student its
+    ``semi_test_cfg`` runs ``_forward`` on (a semi-supervised detector), a tracker's detector (it has
+    no tensor mode of its own; :func:`_tracker_of_its_detector`); else ``model``."""
+    if _semi_supervised(model):
+        on = (model.semi_test_cfg or {}).get('forward_on', 'teacher')
+        return model.teacher if on == 'teacher' else model.student
+    return detector_of(model)
+
+
+def semi_supervised_branches(inputs: torch.Tensor, samples: List) -> Tuple[dict, dict]:
+    """A semi-supervised detector's three branches from one labelled batch, as its
+    ``MultiBranchDataPreprocessor`` hands them over: ``'sup'`` the batch itself, ``'unsup_teacher'`` and
+    ``'unsup_student'`` the same images as unlabelled views related by the identity homography (the
+    teacher's pseudo boxes replace their ground truth)."""
+    import copy
+    unsup = []
+    for s in samples:
+        c = copy.deepcopy(s)
+        c.set_metainfo(dict(homography_matrix=np.eye(3, dtype=np.float32)))
+        unsup.append(c)
+    return ({'sup': inputs, 'unsup_teacher': inputs, 'unsup_student': inputs},
+            {'sup': samples, 'unsup_teacher': unsup, 'unsup_student': copy.deepcopy(unsup)})
+
+
 def loss_of(model: nn.Module, inputs: torch.Tensor, samples: List) -> torch.Tensor:
-    """The summed training loss, as mmengine's ``parse_losses`` computes it."""
+    """The summed training loss, as mmengine's ``parse_losses`` computes it (a semi-supervised
+    detector's on the branches :func:`semi_supervised_branches` makes of the batch)."""
+    if _semi_supervised(model):
+        inputs, samples = semi_supervised_branches(inputs, samples)
     losses = model.loss(inputs, samples)
     total, _ = model.parse_losses(losses)
     return total

@@ -65,7 +65,7 @@ def config_root(package):
     return osp.join(osp.dirname(mod.__file__), '.mim', 'configs')
 
 
-def candidates(folder, n=3):
+def candidates(folder, n=5):
     """The configs a family is checked with, best first: the shortest names, preferring ResNet-50 and the
     1x schedule. The first the harness can run represents the family."""
     names = [x for x in os.listdir(folder) if x.endswith('.py') and not x.startswith('_')]
@@ -125,10 +125,12 @@ def _outputs(model, x, samples, proposals=None):
 
     from mmfisher.core.atoms import flat_tensors
     from mmfisher.openmmlab.analysis import tensor_forward
+    from mmfisher.openmmlab.synthetic import tensor_network
     try:
         from mmdet.models.detectors import TwoStageDetector
     except ImportError:  # pragma: no cover
         TwoStageDetector = ()
+    model = tensor_network(model)     # a semi-supervised detector's teacher, a tracker's detector
     if isinstance(model, TwoStageDetector) and model.with_rpn:
         feats = model.extract_feat(x)
         try:
@@ -151,7 +153,10 @@ def _parts(graph):
     for n in graph.layers():
         if copies and n.startswith(copies):
             continue
-        part = n.split('.')[0] if n.split('.')[0] in ('backbone', 'neck') else 'head'
+        path = n.split('.')
+        if path[0] in ('student', 'detector') and len(path) > 1:    # a semi-supervised detector, a tracker
+            path = path[1:]
+        part = path[0] if path[0] in ('backbone', 'neck') else 'head'
         total, pr = out.get(part, (0, 0))
         out[part] = (total + 1, pr + (n in prunable))
     return out
@@ -200,6 +205,19 @@ def pipeline_batch(cfg, model, n=2, size=256):
             packed.append(compose(dict(img_path=path, gt_label=i % 2, sample_idx=i)))
     data = model.data_preprocessor(default_collate(packed), True)
     return data['inputs'], data['data_samples']
+
+
+def one_frame_video(image, sample):
+    """A tracker's predict input from one image ``[1, C, H, W]`` and its ``DetDataSample``: ``[1, 1, C, H, W]``
+    and a ``TrackDataSample`` holding that frame (frame 0 of a video, as mmdet's video loader packs it)."""
+    import copy
+
+    from mmdet.structures import TrackDataSample
+    frame = copy.deepcopy(sample)
+    frame.set_metainfo(dict(frame_id=0, video_id=0, video_length=1, img_id=0, img_path='generated'))
+    video = TrackDataSample()
+    video.video_data_samples = [frame]
+    return image.unsqueeze(1), [video]
 
 
 def _replace_norm(cfg, old, new):
@@ -329,6 +347,11 @@ def check(config, shape, fraction):
         selfsup = isinstance(model, BaseSelfSupervisor)
     except ImportError:  # pragma: no cover
         selfsup = False
+    try:
+        from mmdet.models.mot import BaseMOTModel
+        tracker = isinstance(model, BaseMOTModel)
+    except ImportError:  # pragma: no cover
+        tracker = False
     if classifier and not selfsup and getattr(model, 'head', 1) is None:
         raise Harness('build: a backbone-only config (no head, so no loss): a feature extractor for other '
                       'models, nothing to train here')
@@ -356,6 +379,8 @@ def check(config, shape, fraction):
                 if selfsup:      # no predict of their own: the features they are trained for, on a
                     views = batch[0]     # view of the training batch (SparK keeps the batch's mask)
                     m(views[0] if isinstance(views, list) else views, mode='tensor')
+                elif tracker:    # a one-frame video ([N, T, C, H, W]), as a tracker is deployed
+                    m.predict(*one_frame_video(batch[0][:1], batch[1][0]))
                 else:    # one image, as a detector is deployed (mmcv's masked conv takes no more)
                     m.predict(batch[0][:1], copy.deepcopy(batch[1][:1]))
         _step(f'{what} train step / predict', run, harness=harness)

@@ -1,0 +1,85 @@
+"""Models that wrap a detector: a semi-supervised detector (a student and an averaged teacher) and a
+tracker whose only network is its detector. Each is analysed, pruned and run as a whole."""
+import copy
+
+import torch
+from mmengine.config import Config
+
+from helpers import config_path, masked_and_shrunk, max_rel_err, random_keep, randomise_norms
+from mmfisher.openmmlab import analyse_model, build_from_config
+from mmfisher.openmmlab.synthetic import loss_of, random_batch
+
+
+def _small_soft_teacher():
+    """mmdet's soft teacher config with a ResNet-18 in place of the ResNet-50 (the same wrapper, faster)."""
+    cfg = Config.fromfile(config_path('mmdet', 'soft_teacher/soft-teacher_faster-rcnn_r50-caffe_fpn_180k_semi-0.1-'
+                                               'coco.py'))
+    cfg.model.detector.backbone.depth = 18
+    cfg.model.detector.neck.in_channels = [64, 128, 256, 512]
+    torch.manual_seed(0)
+    model = build_from_config(cfg)
+    randomise_norms(model)
+    return model.eval()
+
+
+def test_a_semi_supervised_teacher_loses_the_channels_its_student_loses():
+    from mmdet.engine.hooks import MeanTeacherHook
+    model = _small_soft_teacher()
+    graph = analyse_model(model, (1, 3, 128, 128), strict=True)
+    assert ('teacher', 'student') in graph.mirrors and not graph.unseen and not graph.skipped
+    # every student layer has its teacher copy in the same group (the tensor forward runs the teacher,
+    # the loss the student: both were traced)
+    group_of = {n: g.index for g in graph.groups for n in g.producers}
+    students = [n for n in group_of if n.startswith('student.')]
+    assert students and all(group_of['teacher.' + n[len('student.'):]] == group_of[n] for n in students)
+    assert any(g.prunable and any(p.startswith('student.backbone') for p in g.producers) for g in graph.groups)
+    keep = random_keep(graph, 0.6)
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    samples = random_batch(model, 1, (128, 128))[1]
+    ref, out, compact = masked_and_shrunk(model, graph, keep, lambda m: m._forward(x, copy.deepcopy(samples)))
+    assert max_rel_err(ref, out) < 1e-4
+    s_params = dict(compact.student.named_parameters())
+    assert sum(p.numel() for p in s_params.values()) < sum(p.numel() for p in model.student.parameters())
+    assert all(p.shape == s_params[n].shape for n, p in compact.teacher.named_parameters())
+    # what training runs: the three-branch loss, then mmdet's own hook averages the student into the teacher
+    inputs, batch = random_batch(compact, 2, (128, 128))
+    compact.train()
+    loss_of(compact, inputs, batch).backward()
+    MeanTeacherHook().momentum_update(compact, 0.5)
+
+
+def _small_ocsort():
+    cfg = Config.fromfile(config_path('mmdet', 'ocsort/ocsort_yolox_x_8xb4-amp-80e_crowdhuman-mot17halftrain_test-'
+                                               'mot17halfval.py'))
+    cfg.model.detector.backbone.update(deepen_factor=0.33, widen_factor=0.25)
+    cfg.model.detector.neck.update(in_channels=[64, 128, 256], out_channels=64, num_csp_blocks=1)
+    cfg.model.detector.bbox_head.update(in_channels=64, feat_channels=64)
+    torch.manual_seed(0)
+    model = build_from_config(cfg)
+    randomise_norms(model)
+    return model.eval()
+
+
+def test_a_tracker_is_pruned_through_its_detector_and_tracks_with_the_compact_one():
+    import sys
+    import os
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tools', 'analysis_tools'))
+    from zoo_check import one_frame_video
+    model = _small_ocsort()
+    graph = analyse_model(model, (1, 3, 128, 128), strict=True)
+    alone = analyse_model(copy.deepcopy(model.detector), (1, 3, 128, 128), strict=True)
+    # the same groups as the detector analysed on its own, under the tracker's names
+    assert sorted(sorted(g.producers) for g in graph.groups) == \
+        sorted(sorted('detector.' + p for p in g.producers) for g in alone.groups)
+    assert graph.summary()['prunable_groups'] == alone.summary()['prunable_groups'] > 0
+    keep = random_keep(graph, 0.6)
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    ref, out, compact = masked_and_shrunk(model, graph, keep, lambda m: m.detector._forward(x))
+    assert max_rel_err(ref, out) < 1e-4
+    inputs, samples = random_batch(compact, 2, (128, 128))
+    compact.train()
+    loss_of(compact, inputs, samples).backward()        # the tracker's loss is its detector's
+    compact.eval()
+    with torch.no_grad():
+        video = compact.predict(*one_frame_video(inputs[:1], samples[0]))[0]
+    assert len(video) == 1 and 'pred_track_instances' in video[0]
