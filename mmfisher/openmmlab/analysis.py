@@ -86,19 +86,25 @@ def example_samples(model: nn.Module, shape: Sequence[int]) -> Optional[list]:
         from mmdet.models.detectors import BaseDetector
     except ImportError:  # pragma: no cover
         return None
-    from .synthetic import detector_of, random_batch
-    if not isinstance(detector_of(model), BaseDetector):
+    from .synthetic import random_batch, tensor_network
+    net = tensor_network(model)     # the detector a wrapper's tensor forward runs
+    if not isinstance(net, BaseDetector):
         return None
-    return random_batch(model, int(shape[0]), (int(shape[-2]), int(shape[-1])))[1]
+    return random_batch(net, int(shape[0]), (int(shape[-2]), int(shape[-1])))[1]
 
 
 def tensor_forward(model: nn.Module, x: torch.Tensor, samples: Optional[list]) -> Any:
     """The network in 'tensor' mode: a detector's ``_forward`` (with its RoI head, if any) or a
     classifier's ``forward(mode='tensor')``; no post-processing. A semi-supervised detector runs its
     teacher or student, a tracker its detector (:func:`~mmfisher.openmmlab.synthetic.tensor_network`)."""
-    from .synthetic import tensor_network
+    from .synthetic import tensor_network, video_model
+    net = tensor_network(model)
+    if video_model(net):
+        # no detector and no tensor mode (Mask2Former-VIS): the backbone and the track head on the
+        # frames of one video (``x``: ``[T, C, H, W]``), as its predict runs them
+        return net.track_head(net.backbone(x), samples)
     if samples is not None:
-        return tensor_network(model)._forward(x, samples)
+        return net._forward(x, samples)
     return model(x, mode='tensor')
 
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 
 def _num_classes(model: nn.Module, default: int = 80) -> int:
-    for name in ('bbox_head', 'head', 'roi_head'):
+    for name in ('bbox_head', 'head', 'roi_head', 'track_head'):
         head = getattr(model, name, None)
         if head is None:
             continue
@@ -25,10 +25,12 @@ def _num_classes(model: nn.Module, default: int = 80) -> int:
 
 
 def random_batch(model: nn.Module, batch: int = 2, shape: Sequence[int] = (320, 320),
-                 seed: int = 0, max_objects: int = 4) -> Tuple[torch.Tensor, List]:
+                 seed: int = 0, max_objects: int = 4, _for_video: nn.Module = None) -> Tuple[torch.Tensor, List]:
     """``(inputs, data_samples)`` for ``model.loss`` / ``model.train_step``-free training loops. A
     wrapper gets its detector's batch (:func:`detector_of`; :func:`loss_of` makes a semi-supervised
     detector's branches)."""
+    if video_model(model) and _for_video is None:
+        return random_video_batch(model, batch, shape, seed, max_objects)
     model = detector_of(model)
     g = torch.Generator().manual_seed(seed)
     h, w = int(shape[0]), int(shape[1])
@@ -36,9 +38,11 @@ def random_batch(model: nn.Module, batch: int = 2, shape: Sequence[int] = (320, 
     n_cls = _num_classes(model)
     try:
         from mmdet.models.detectors import BaseDetector
-        is_det = isinstance(model, BaseDetector)
+        is_det = isinstance(model, BaseDetector) or _for_video is not None
     except ImportError:  # pragma: no cover
         is_det = False
+    # a video model without a detector segments with its track head (Mask2Former-VIS): it needs masks
+    track_masks = _for_video is not None and getattr(_for_video, 'detector', None) is None
     samples = []
     if is_det:
         from mmdet.structures import DetDataSample
@@ -58,7 +62,7 @@ def random_batch(model: nn.Module, batch: int = 2, shape: Sequence[int] = (320, 
             s.ignored_instances = InstanceData(bboxes=boxes.new_zeros(0, 4), labels=torch.zeros(0, dtype=torch.long))
             semantic = (hasattr(model, 'semantic_head') or getattr(roi_head, 'with_semantic', False)
                         or hasattr(model, 'panoptic_head'))      # PanopticFPN, HTC's semantic branch, MaskFormer
-            if getattr(model, 'with_mask', False) or getattr(roi_head, 'with_mask', False) or semantic:
+            if getattr(model, 'with_mask', False) or getattr(roi_head, 'with_mask', False) or semantic or track_masks:
                 from mmdet.structures.mask import BitmapMasks
                 masks = np.zeros((k, h, w), dtype=np.uint8)
                 for i, (x0, y0, x1, y1) in enumerate(boxes.round().long().tolist()):
@@ -85,6 +89,34 @@ def random_batch(model: nn.Module, batch: int = 2, shape: Sequence[int] = (320, 
             samples.append(sample_type().set_gt_label(int(torch.randint(0, n_cls if n_cls else 1000, (1,),
                                                                        generator=g))))
     return inputs, samples
+
+
+def random_video_batch(model: nn.Module, batch: int = 2, shape: Sequence[int] = (320, 320), seed: int = 0,
+                       max_objects: int = 4) -> Tuple[torch.Tensor, List]:
+    """A video model's batch: ``[N, 2, 3, H, W]`` inputs (a key frame and a reference frame) and one
+    ``TrackDataSample`` per video, as mmdet's video loader packs them. The scene is still: the reference
+    frame is the key frame plus a little noise, with the same objects (``instances_ids`` 0..k-1) and
+    ground truth (boxes, labels, masks as its detector or track head needs them)."""
+    import copy
+
+    from mmdet.structures import TrackDataSample
+    frame_model = getattr(model, 'detector', None) or model
+    g = torch.Generator().manual_seed(seed + 1)
+    key, frames = random_batch(frame_model, batch, shape, seed, max_objects, _for_video=model)
+    ref = key + 0.05 * torch.randn(key.shape, generator=g)
+    videos = []
+    for i, sample in enumerate(frames):
+        sample.gt_instances.instances_ids = torch.arange(len(sample.gt_instances))
+        pair = []
+        for frame_id in (0, 1):
+            f = copy.deepcopy(sample) if frame_id else sample     # its own ground truth (heads convert it)
+            f.set_metainfo(dict(frame_id=frame_id, video_id=i, video_length=2, img_id=2 * i + frame_id,
+                                img_path=f'generated/{i}/{frame_id}.jpg'))
+            pair.append(f)
+        video = TrackDataSample(metainfo=dict(key_frames_inds=[0], ref_frames_inds=[1]))
+        video.video_data_samples = pair
+        videos.append(video)
+    return torch.stack([key, ref], 1), videos
 
 
 def _classifier_sample_type(model: nn.Module) -> type:
@@ -139,6 +171,16 @@ def _tracker_of_its_detector(model: nn.Module) -> bool:
             and not model.with_track_head)
 
 
+def video_model(model: nn.Module) -> bool:
+    """A model trained on videos (``[N, T, C, H, W]`` inputs, ``TrackDataSample`` s): a track head learns
+    to match objects across a key and a reference frame (QDTrack, MaskTrack R-CNN, Mask2Former-VIS)."""
+    try:
+        from mmdet.models.mot import BaseMOTModel
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, BaseMOTModel) and model.with_track_head
+
+
 def detector_of(model: nn.Module) -> nn.Module:
     """The detector a wrapper trains, whose batches it takes: a semi-supervised detector's student, the
     detector of a tracker that trains nothing else (:func:`_tracker_of_its_detector`); else ``model``."""
@@ -156,6 +198,8 @@ def tensor_network(model: nn.Module) -> nn.Module:
     if _semi_supervised(model):
         on = (model.semi_test_cfg or {}).get('forward_on', 'teacher')
         return model.teacher if on == 'teacher' else model.student
+    if video_model(model) and getattr(model, 'detector', None) is not None:
+        return model.detector      # QDTrack, MaskTrack R-CNN: the track head runs in the loss only
     return detector_of(model)
 
 

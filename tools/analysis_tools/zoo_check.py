@@ -379,6 +379,8 @@ def check(config, shape, fraction):
                 if selfsup:      # no predict of their own: the features they are trained for, on a
                     views = batch[0]     # view of the training batch (SparK keeps the batch's mask)
                     m(views[0] if isinstance(views, list) else views, mode='tensor')
+                elif tracker and batch[0].dim() == 5:    # a video model: the training video, tracked
+                    m.predict(batch[0][:1], copy.deepcopy(batch[1][:1]))
                 elif tracker:    # a one-frame video ([N, T, C, H, W]), as a tracker is deployed
                     m.predict(*one_frame_video(batch[0][:1], batch[1][0]))
                 else:    # one image, as a detector is deployed (mmcv's masked conv takes no more)
