@@ -193,8 +193,9 @@ def detector_of(model: nn.Module) -> nn.Module:
 
 def tensor_network(model: nn.Module) -> nn.Module:
     """The network whose tensor forward stands for ``model``'s: the teacher or the student its
-    ``semi_test_cfg`` runs ``_forward`` on (a semi-supervised detector), a tracker's detector (it has
-    no tensor mode of its own; :func:`_tracker_of_its_detector`); else ``model``."""
+    ``semi_test_cfg`` runs ``_forward`` on (a semi-supervised detector); a tracker's or a video model's
+    detector (they have no tensor mode of their own; a video model's track head runs in its loss); else
+    ``model`` (also a video model with no detector: see ``analysis.tensor_forward``)."""
     if _semi_supervised(model):
         on = (model.semi_test_cfg or {}).get('forward_on', 'teacher')
         return model.teacher if on == 'teacher' else model.student
