@@ -7,7 +7,7 @@ from mmengine.config import Config
 
 from helpers import config_path, masked_and_shrunk, max_rel_err, random_keep, randomise_norms
 from mmfisher.openmmlab import analyse_model, build_from_config
-from mmfisher.openmmlab.synthetic import loss_of, random_batch
+from mmfisher.openmmlab.synthetic import loss_of, one_frame_video, random_batch
 
 
 def _small_soft_teacher():
@@ -61,10 +61,6 @@ def _small_ocsort():
 
 
 def test_a_tracker_is_pruned_through_its_detector_and_tracks_with_the_compact_one():
-    import sys
-    import os
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', 'tools', 'analysis_tools'))
-    from zoo_check import one_frame_video
     model = _small_ocsort()
     graph = analyse_model(model, (1, 3, 128, 128), strict=True)
     alone = analyse_model(copy.deepcopy(model.detector), (1, 3, 128, 128), strict=True)

@@ -97,9 +97,6 @@ def random_video_batch(model: nn.Module, batch: int = 2, shape: Sequence[int] = 
     ``TrackDataSample`` per video, as mmdet's video loader packs them. The scene is still: the reference
     frame is the key frame plus a little noise, with the same objects (``instances_ids`` 0..k-1) and
     ground truth (boxes, labels, masks as its detector or track head needs them)."""
-    import copy
-
-    from mmdet.structures import TrackDataSample
     frame_model = getattr(model, 'detector', None) or model
     g = torch.Generator().manual_seed(seed + 1)
     key, frames = random_batch(frame_model, batch, shape, seed, max_objects, _for_video=model)
@@ -107,16 +104,33 @@ def random_video_batch(model: nn.Module, batch: int = 2, shape: Sequence[int] = 
     videos = []
     for i, sample in enumerate(frames):
         sample.gt_instances.instances_ids = torch.arange(len(sample.gt_instances))
-        pair = []
-        for frame_id in (0, 1):
-            f = copy.deepcopy(sample) if frame_id else sample     # its own ground truth (heads convert it)
-            f.set_metainfo(dict(frame_id=frame_id, video_id=i, video_length=2, img_id=2 * i + frame_id,
-                                img_path=f'generated/{i}/{frame_id}.jpg'))
-            pair.append(f)
-        video = TrackDataSample(metainfo=dict(key_frames_inds=[0], ref_frames_inds=[1]))
-        video.video_data_samples = pair
-        videos.append(video)
+        videos.append(as_video([sample, sample], video_id=i))
     return torch.stack([key, ref], 1), videos
+
+
+def as_video(frames: List, video_id: int = 0):
+    """A ``TrackDataSample`` of ``frames`` (``DetDataSample`` s, each deep-copied: heads convert their ground
+    truth in place), as mmdet's video loader packs them: frame ``i`` has ``frame_id`` ``i``; the key frame
+    is the first, the reference frame the last."""
+    import copy
+
+    from mmdet.structures import TrackDataSample
+    video = []
+    for frame_id, sample in enumerate(frames):
+        f = copy.deepcopy(sample)
+        f.set_metainfo(dict(frame_id=frame_id, video_id=video_id, video_length=len(frames),
+                            img_id=video_id * len(frames) + frame_id,
+                            img_path=f'generated/{video_id}/{frame_id}.jpg'))
+        video.append(f)
+    packed = TrackDataSample(metainfo=dict(key_frames_inds=[0], ref_frames_inds=[len(frames) - 1]))
+    packed.video_data_samples = video
+    return packed
+
+
+def one_frame_video(image: torch.Tensor, sample) -> Tuple[torch.Tensor, List]:
+    """A tracker's predict input from one image ``[1, C, H, W]`` and its ``DetDataSample``: ``[1, 1, C, H, W]``
+    and a one-frame ``TrackDataSample`` (:func:`as_video`)."""
+    return image.unsqueeze(1), [as_video([sample])]
 
 
 def _classifier_sample_type(model: nn.Module) -> type:

@@ -207,19 +207,6 @@ def pipeline_batch(cfg, model, n=2, size=256):
     return data['inputs'], data['data_samples']
 
 
-def one_frame_video(image, sample):
-    """A tracker's predict input from one image ``[1, C, H, W]`` and its ``DetDataSample``: ``[1, 1, C, H, W]``
-    and a ``TrackDataSample`` holding that frame (frame 0 of a video, as mmdet's video loader packs it)."""
-    import copy
-
-    from mmdet.structures import TrackDataSample
-    frame = copy.deepcopy(sample)
-    frame.set_metainfo(dict(frame_id=0, video_id=0, video_length=1, img_id=0, img_path='generated'))
-    video = TrackDataSample()
-    video.video_data_samples = [frame]
-    return image.unsqueeze(1), [video]
-
-
 def _replace_norm(cfg, old, new):
     """Every ``type=old`` in a config (sub)tree becomes ``type=new``; whether any did."""
     from mmfisher.openmmlab.analysis import config_dicts
@@ -305,7 +292,7 @@ def check(config, shape, fraction):
     from mmfisher.openmmlab import analyse_model, build_from_config
     from mmfisher.openmmlab.decisions import SameDecisions
     from mmfisher.openmmlab.analysis import default_scope_of, example_samples
-    from mmfisher.openmmlab.synthetic import loss_of, random_batch, randomise_norms
+    from mmfisher.openmmlab.synthetic import loss_of, one_frame_video, random_batch, randomise_norms
 
     t0 = time.perf_counter()
     row = {'config': config}
@@ -379,11 +366,10 @@ def check(config, shape, fraction):
                 if selfsup:      # no predict of their own: the features they are trained for, on a
                     views = batch[0]     # view of the training batch (SparK keeps the batch's mask)
                     m(views[0] if isinstance(views, list) else views, mode='tensor')
-                elif tracker and batch[0].dim() == 5:    # a video model: the training video, tracked
-                    m.predict(batch[0][:1], copy.deepcopy(batch[1][:1]))
-                elif tracker:    # a one-frame video ([N, T, C, H, W]), as a tracker is deployed
+                elif tracker and batch[0].dim() == 4:    # a one-frame video ([N, T, C, H, W]), as a tracker is deployed
                     m.predict(*one_frame_video(batch[0][:1], batch[1][0]))
-                else:    # one image, as a detector is deployed (mmcv's masked conv takes no more)
+                else:    # one image (a video model: its training video), as a detector is deployed (mmcv's
+                    # masked conv takes no more)
                     m.predict(batch[0][:1], copy.deepcopy(batch[1][:1]))
         _step(f'{what} train step / predict', run, harness=harness)
 
