@@ -1,4 +1,6 @@
 """What the coupling analysis must find: the groups named below are the specification."""
+import copy
+
 import pytest
 import torch
 import torch.nn as nn
@@ -186,18 +188,30 @@ def test_layernorm_over_channels_is_unprunable():
     assert any('LayerNorm' in r for r in g.group('b').reasons)
 
 
+def _own_forward_pack(name):
+    """A deformable conv pack whose forward is its own (a scaled output): mmfisher's layer type for
+    mmcv's deformable convs does not describe it, so it is traced op by op and meets the kernel."""
+    import mmcv.ops
+
+    class OwnForward(getattr(mmcv.ops, name)):
+        def forward(self, x):
+            return super().forward(x) * 2.0
+    return OwnForward(8, 8, 3, padding=1)
+
+
 def test_compiled_op_is_reported_not_mis_pruned():
-    from mmcv.ops import ModulatedDeformConv2dPack
-    grp = _reasons(ModulatedDeformConv2dPack(8, 8, 3, padding=1))
+    import mmfisher.openmmlab  # noqa: F401  (registers the layer type that must not match a subclass)
+    grp = _reasons(_own_forward_pack('ModulatedDeformConv2dPack'))
     assert not grp.prunable
     assert any('compiled op' in r for r in grp.reasons), grp.reasons
 
 
 @pytest.mark.parametrize('pack', ['DeformConv2dPack', 'ModulatedDeformConv2dPack'])
-def test_a_deformable_convs_input_and_offsets_are_never_pruned(pack):
-    """mmcv calls its kernels through a module-level alias of ``Function.apply``: still seen."""
-    import mmcv.ops
-    model = Two(nn.Sequential(getattr(mmcv.ops, pack)(8, 8, 3, padding=1)))
+def test_a_deformable_conv_nothing_describes_keeps_its_input_and_offsets(pack):
+    """mmcv calls its kernels through a module-level alias of ``Function.apply``: still seen. (The
+    stock packs have a layer type: tests/test_deform_conv.py.)"""
+    import mmfisher.openmmlab  # noqa: F401
+    model = Two(nn.Sequential(_own_forward_pack(pack)))
     model.out = nn.Conv2d(8, 4, 1)
     g = analyse(model, torch.randn(1, 3, 8, 8))
     offsets = g.group('body.0.conv_offset')
@@ -392,6 +406,45 @@ def test_mmcv_weight_standardised_conv_prunes_on_both_sides_and_keeps_the_weight
     # the L1 criterion scores the weight the layer convolves with, over the inputs it keeps
     l1 = layer_type_for(aws).filter_l1(aws, torch.ones(8, dtype=torch.bool))
     assert torch.allclose(l1.float(), full.abs().sum((1, 2, 3)), rtol=1e-5)
+
+
+def test_mmcv_plain_weight_standardised_conv_becomes_a_calibrated_aws_conv_once_its_inputs_go():
+    """gn+ws's ConvWS2d standardises each filter with no gain or shift, so no ConvWS2d computes the kept
+    slice of its standardised weight: the shrunk layer is a ConvAWS2d holding that slice, checked here
+    against the standardisation computed by hand; a layer that loses outputs only stays a ConvWS2d."""
+    import mmfisher.openmmlab  # noqa: F401  (registers the layer type)
+    from mmcv.cnn.bricks.conv_ws import ConvAWS2d, ConvWS2d
+    from helpers import masked_and_shrunk, max_rel_err, random_keep
+    from mmfisher.core.layers import layer_type_for
+    torch.manual_seed(0)
+    ws = ConvWS2d(8, 12, 3, padding=1)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), ws, nn.ReLU(), ConvWS2d(12, 4, 1))
+    x = torch.randn(2, 3, 10, 10)
+    graph = analyse(model, x, strict=True)
+    assert graph.group('0').prunable and graph.group('2').prunable
+    keep = random_keep(graph, 0.5)
+    ref, out, compact = masked_and_shrunk(model, graph, keep, lambda m: m(x))
+    assert max_rel_err(ref, out) < 1e-5
+    w = ws.weight.detach().flatten(1)      # by hand: mean and unbiased std over inputs and kernel, + eps
+    full = (ws.weight.detach() - w.mean(1).view(-1, 1, 1, 1)) / (w.std(1).view(-1, 1, 1, 1) + 1e-5)
+    into, out_of = graph.group('0'), graph.group('2')
+    kept_in = keep[into.offset:into.offset + into.size].nonzero().flatten()
+    kept_out = keep[out_of.offset:out_of.offset + out_of.size].nonzero().flatten()
+    small = compact[2]
+    assert type(small) is ConvAWS2d and small.in_channels == kept_in.numel() < 8
+    assert torch.allclose(small._get_weight(small.weight), full[kept_out][:, kept_in], atol=1e-5)
+    assert type(compact[4]) is ConvAWS2d        # its inputs went too
+    assert torch.allclose(layer_type_for(ws).filter_l1(ws, torch.ones(8, dtype=torch.bool)).float(),
+                          full.abs().sum((1, 2, 3)), rtol=1e-5)
+    # the compact model's state loads into a second one built the same way (the buffers are in it)
+    again = copy.deepcopy(compact)
+    again.load_state_dict(compact.state_dict())
+    torch.testing.assert_close(again(x), compact(x))
+    # outputs only: filters keep their own statistics, the layer stays what it was
+    only_out = nn.Sequential(ConvWS2d(3, 6, 3, padding=1))
+    PlainType = type(layer_type_for(only_out[0]))
+    PlainType().shrink(only_out[0], {'in': torch.arange(3), 'out': torch.tensor([0, 2, 5])})
+    assert type(only_out[0]) is ConvWS2d and only_out[0].out_channels == 3
 
 
 class TwoModes(nn.Module):

@@ -7,7 +7,9 @@ the output's channels, so they are coupled) and updates ``out_channels`` when th
 model is shrunk. mmcv's conv / linear wrappers are declared plain (their forward is
 torch's), so the trace does not check them as it checks other subclasses with their
 own forward. mmcv's ``ConvAWS2d`` (DetectoRS's weight-standardised conv) gets a layer type whose
-shrink keeps the weight it convolves with. Registered when :mod:`mmfisher.openmmlab` is imported.
+shrink keeps the weight it convolves with; mmcv's ``ConvWS2d`` (no gain / shift) becomes a
+``ConvAWS2d`` when it loses input channels, for the same reason. mmcv's deformable convs (DCN, DCNv2
+and their packs) prune as convs; the offsets and masks they read keep their channels. Registered when :mod:`mmfisher.openmmlab` is imported.
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ from typing import Any, Dict
 import torch
 
 from ..core.atoms import Label, flat_tensors
-from ..core.layers import Call, Conv, LayerType, ModuleRecord, index_attr, register_layer_type, register_plain_forward
+from ..core.layers import (Call, Conv, LayerType, ModuleRecord, _batch_of, index_attr, register_layer_type,
+                           register_plain_forward)
 from ..core.trace import ChannelTracer
 
 
@@ -81,13 +84,124 @@ class WeightStandardisedConvType(Conv):
         index_attr(m, 'weight_gamma', 0, keep['out'])
         index_attr(m, 'weight_beta', 0, keep['out'])
         if inputs_go:
-            v = effective.index_select(0, keep['out'].to(effective.device))
-            v = v.index_select(1, keep['in'].to(v.device))
-            flat = v.flatten(1)
-            with torch.no_grad():
-                m.weight.copy_(v)
-                m.weight_beta.copy_(flat.mean(1).view(-1, 1, 1, 1))
-                m.weight_gamma.copy_(torch.sqrt(flat.var(1) + 1e-5).view(-1, 1, 1, 1))
+            keep_effective_weight(m, effective, keep)
+
+
+def keep_effective_weight(m, effective: torch.Tensor, keep: Dict[str, torch.Tensor]) -> None:
+    """Make the shrunk ``ConvAWS2d`` ``m`` convolve with ``V = effective[keep_out][:, keep_in]``.
+
+    ``effective``: ``[out, in, kh, kw]``, the weight the unshrunk layer convolved with. ``m.weight``
+    becomes ``V``, ``weight_gamma`` / ``weight_beta`` (``[out', 1, 1, 1]``) its per-filter std and mean,
+    so ``gamma * (V - mean(V)) / std(V) + beta == V``."""
+    v = effective.index_select(0, keep['out'].to(effective.device))
+    v = v.index_select(1, keep['in'].to(v.device))
+    flat = v.flatten(1)
+    with torch.no_grad():
+        m.weight.copy_(v)
+        m.weight_beta.copy_(flat.mean(1).view(-1, 1, 1, 1))
+        m.weight_gamma.copy_(torch.sqrt(flat.var(1) + 1e-5).view(-1, 1, 1, 1))
+
+
+class PlainWeightStandardisedConvType(Conv):
+    """mmcv's ``ConvWS2d`` (the ``gn+ws`` detectors): convolves with ``W_eff = (W - mean(W)) / (std(W) + eps)``,
+    mean and unbiased std per output filter over its inputs and kernel, with no gain or shift.
+
+    Output channels prune as in a plain conv. Once input channels go, no ``ConvWS2d`` computes
+    ``V = W_eff[keep_out][:, keep_in]``: its forward would re-centre and rescale ``V`` (whose mean over the
+    kept inputs is not 0). The shrunk layer therefore becomes a ``ConvAWS2d`` (the same standardisation
+    followed by a per-filter gain and shift, fixed buffers) holding ``V`` and calibrated to it, as
+    :class:`WeightStandardisedConvType` does: it computes what the masked layer did, and still
+    standardises its weight while it is fine-tuned. A checkpoint of the compact model holds the
+    ``weight_gamma`` / ``weight_beta`` buffers; building the compact model from the spec converts the same
+    layers, so it loads. The L1 criterion scores ``W_eff``."""
+
+    kind = 'conv'
+
+    def weight_of(self, m):
+        w = m.weight
+        flat = w.flatten(1)
+        shape = (-1,) + (1,) * (w.dim() - 1)
+        return (w - flat.mean(1).view(shape)) / (flat.std(1).view(shape) + m.eps)
+
+    def shrink(self, m, keep):
+        inputs_go = m.groups == 1 and keep['in'].numel() < m.in_channels
+        if not inputs_go:
+            super().shrink(m, keep)
+            return
+        from mmcv.cnn.bricks.conv_ws import ConvAWS2d
+        effective = self.weight_of(m).detach()
+        super().shrink(m, keep)
+        m.__class__ = ConvAWS2d        # the same parameters and conv attributes, plus two buffers
+        del m.eps
+        like = m.weight.new_empty(m.out_channels, 1, 1, 1)
+        m.register_buffer('weight_gamma', torch.ones_like(like))
+        m.register_buffer('weight_beta', torch.zeros_like(like))
+        keep_effective_weight(m, effective, keep)
+
+
+class OffsetConv(Conv):
+    """The ``conv_offset`` inside mmcv's ``DeformConv2dPack`` / ``ModulatedDeformConv2dPack``: a plain conv
+    reading the pack's input, recorded by :class:`DeformConvType`. It costs and shrinks as a conv; it is
+    not a consumer of its own (``input_dim`` None): its input is the pack's, masked and observed once at
+    the pack's input, so the Fisher of a channel counts this read once."""
+
+    input_dim = None
+
+
+class DeformConvType(Conv):
+    """mmcv's deformable convs ``DeformConv2d`` / ``ModulatedDeformConv2d`` (DCN / DCNv2), called as
+    ``m(x, offset[, mask])``, and their packs, called as ``m(x)``, which compute offset (and mask) with a
+    plain ``m.conv_offset`` on ``x``.
+
+    The compiled kernel samples ``x`` (``[N, in, H, W]``) at offset positions, then applies ``m.weight``
+    (``[out, in / groups, kh, kw]``) as a conv does: input channel ``i`` meets only ``weight[:, i]``, output
+    channel ``o`` is ``weight[o]``. So channels prune as in a conv (a group conv loses whole groups). A
+    zeroed input channel contributes nothing to the output or to ``conv_offset``, so the shrunk layer and
+    ``conv_offset`` without that column compute what the masked ones did. What cannot prune:
+
+    * the offset and mask inputs: the kernel reads a fixed ``2 * deform_groups * kh * kw`` offset channels
+      (and as many / 2 mask channels) from whatever produced them, so their channels are tainted;
+    * the input channels of a layer with ``deform_groups > 1``: each block of ``in / deform_groups``
+      channels has its own offsets, and removing channels would move others to another block;
+    * subclasses with a forward of their own (checked by the type's :meth:`matches`): traced op by op,
+      where the compiled op taints what it reads.
+
+    The cost counts the conv's multiply-adds (and ``conv_offset``'s as a conv of its own), not the
+    bilinear sampling."""
+
+    def __init__(self, forwards) -> None:
+        self.forwards = set(forwards)
+
+    def matches(self, module):
+        return type(module).forward in self.forwards
+
+    def trace(self, tracer, rec, args, out):
+        m, x = rec.module, args[0]
+        _batch_of(tracer, x)
+        first = 'out' not in rec.arrays
+        ain = tracer.input_atoms(rec, 'in', x, 1, m.in_channels)
+        aout = tracer.atoms_of(rec, 'out', m.out_channels)
+        if first and m.groups > 1:
+            tracer.sets.union_rows(torch.cat([ain.view(m.groups, -1), aout.view(m.groups, -1)], 1))
+        if first and m.deform_groups > 1:
+            tracer.sets.taint(ain, f'{rec.name} ({type(m).__name__}): deformable conv with '
+                                   f'{m.deform_groups} deform groups (offsets per block of input channels); '
+                                   f'its input channels are left unpruned')
+        for role, t in zip(('offset', 'mask'), args[1:3]):
+            tracer.taint(tracer.label(t), f'{rec.name} ({type(m).__name__}): read as the deformable '
+                                          f'{role} (a fixed channel count)')
+        rows = out.numel() // out.shape[1]
+        offset_conv = getattr(m, 'conv_offset', None)
+        if isinstance(offset_conv, torch.nn.Conv2d) and len(args) == 1:
+            off = tracer.record_for(offset_conv, OffsetConv())
+            tracer.input_atoms(off, 'in', x, 1, offset_conv.in_channels)
+            oout = tracer.atoms_of(off, 'out', offset_conv.out_channels)
+            if first:
+                tracer.sets.taint(oout, f'{off.name}: the offsets of {rec.name} (a fixed channel count)')
+            off.calls.append(Call(rows, tuple(x.shape), (out.shape[0], offset_conv.out_channels) +
+                                  tuple(out.shape[2:])))
+        rec.calls.append(Call(rows, tuple(x.shape), tuple(out.shape)))
+        tracer.set_label(out, Label(1, aout))
 
 
 def register_openmmlab_handlers() -> None:
@@ -101,11 +215,19 @@ def register_openmmlab_handlers() -> None:
             if hasattr(wrappers, name):
                 register_plain_forward(getattr(wrappers, name))
     try:
-        from mmcv.cnn.bricks.conv_ws import ConvAWS2d
+        from mmcv.cnn.bricks.conv_ws import ConvAWS2d, ConvWS2d
     except ImportError:
-        ConvAWS2d = None
+        ConvAWS2d = ConvWS2d = None
     if ConvAWS2d is not None:
         register_layer_type(ConvAWS2d, WeightStandardisedConvType())
+        register_layer_type(ConvWS2d, PlainWeightStandardisedConvType())
+    try:
+        from mmcv.ops import DeformConv2d, DeformConv2dPack, ModulatedDeformConv2d, ModulatedDeformConv2dPack
+    except ImportError:
+        DeformConv2d = None
+    if DeformConv2d is not None:
+        register_layer_type((DeformConv2d, ModulatedDeformConv2d), DeformConvType(
+            c.forward for c in (DeformConv2d, DeformConv2dPack, ModulatedDeformConv2d, ModulatedDeformConv2dPack)))
     try:
         from mmdet.models.roi_heads.roi_extractors import BaseRoIExtractor
     except ImportError:  # mmdet not installed: nothing to register
