@@ -447,6 +447,59 @@ def test_mmcv_plain_weight_standardised_conv_becomes_a_calibrated_aws_conv_once_
     assert type(only_out[0]) is ConvWS2d and only_out[0].out_channels == 3
 
 
+class SplitInFour(nn.Module):
+    """DyReLU's shape: coefficients ``[N, 4C, 1, 1]`` split at ``self.channels`` into four per-channel maps."""
+
+    def __init__(self, channels=8):
+        super().__init__()
+        self.channels = channels
+        self.coeffs = nn.Conv2d(channels, 4 * channels, 1)
+
+    def forward(self, x):
+        a1, b1, a2, b2 = torch.split(self.coeffs(x.mean((2, 3), keepdim=True)), self.channels, dim=1)
+        return torch.max(x * a1 + b1, x * a2 + b2)
+
+
+def test_a_split_at_a_registered_size_attribute_prunes_as_chunk_and_the_shrink_updates_the_attribute():
+    from helpers import masked_and_shrunk, max_rel_err, random_keep
+    from mmfisher.core import register_split_size
+    from mmfisher.core.layers import _SPLIT_SIZES
+
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), SplitInFour(8), nn.Conv2d(8, 2, 1))
+    x = torch.randn(2, 3, 8, 8)
+    unregistered = analyse(model(), x, strict=True).group('1.coeffs')
+    assert not unregistered.prunable and any('split of channels at fixed sizes' in r for r in unregistered.reasons)
+    register_split_size(SplitInFour, 'channels')
+    try:
+        net = model()
+        graph = analyse(net, x, strict=True)
+        grp = graph.group('0')
+        assert grp.prunable and grp.size == 8 and graph.groups_of('1.coeffs') == [grp]   # 4 x 8 in one group
+        keep = random_keep(graph, 0.5)
+        ref, out, compact = masked_and_shrunk(net, graph, keep, lambda m: m(x))
+        assert max_rel_err(ref, out) < 1e-5
+        kept = int(keep[grp.channels].sum())
+        assert compact[1].channels == kept < 8 and compact[1].coeffs.out_channels == 4 * kept
+    finally:
+        _SPLIT_SIZES.remove((SplitInFour, 'channels'))
+
+
+def test_mmdet_dyrelu_is_registered():
+    import mmfisher.openmmlab  # noqa: F401
+    from mmdet.models.layers.se_layer import DyReLU
+    from helpers import masked_and_shrunk, max_rel_err, random_keep
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), DyReLU(16), nn.Conv2d(16, 2, 1))
+    x = torch.randn(2, 3, 8, 8)
+    graph = analyse(net, x, strict=True)
+    assert graph.group('0').prunable, graph.group('0').reasons
+    keep = random_keep(graph, 0.5)
+    ref, out, compact = masked_and_shrunk(net, graph, keep, lambda m: m(x))
+    assert max_rel_err(ref, out) < 1e-5 and compact[1].channels == compact[0].out_channels < 16
+
+
 class TwoModes(nn.Module):
     """A branch only training runs (an auxiliary head, PointRend's point head)."""
 

@@ -9,11 +9,12 @@ from .masks import ConsumerInputs
 from .shrink import shrink
 from .spec import (SPEC_FORMAT, SpecError, SpecFormatError, SpecMismatchError, make_spec, spec_to_keep,
                    validate_spec, weights_digest)
-from .layers import LayerType, register_layer_type, register_plain_forward
+from .layers import LayerType, register_layer_type, register_plain_forward, register_split_size
 from .op_rules import OP_RULES, op_rule
 from .trace import AnalysisRuleError
 
 __all__ = ['analyse', 'CouplingGraph', 'ChannelGroup', 'ConsumerInputs', 'shrink', 'make_spec',
            'spec_to_keep', 'validate_spec', 'weights_digest', 'SpecError', 'SpecFormatError',
-           'SpecMismatchError', 'SPEC_FORMAT', 'LayerType', 'register_layer_type', 'register_plain_forward', 'OP_RULES', 'op_rule',
+           'SpecMismatchError', 'SPEC_FORMAT', 'LayerType', 'register_layer_type', 'register_plain_forward',
+           'register_split_size', 'OP_RULES', 'op_rule',
            'AnalysisRuleError']

@@ -397,6 +397,43 @@ class LayerNormLastDims(LayerType):
             tracer.set_label(out, lab)
 
 
+class SplitSize(LayerType):
+    """A module attribute that holds the size of the equal parts a ``split`` inside the module's forward
+    cuts channels into (mmdet's ``DyReLU``: ``torch.split(coeffs, self.channels, dim=1)``). Recorded by
+    the ``split`` rule (:func:`register_split_size`), never a leaf: the ``'size'`` array is the atoms of
+    one part, and the shrink sets the attribute to the part's kept count."""
+
+    kind = 'split_size'
+
+    def __init__(self, attr: str) -> None:
+        self.attr = attr
+
+    def shrink(self, m, keep):
+        setattr(m, self.attr, int(keep['size'].numel()))
+
+
+_SPLIT_SIZES: List[Tuple[type, str]] = []
+
+
+def register_split_size(cls: type, attr: str) -> None:
+    """Declare that ``module.<attr>`` (an int) is the size of the parts a ``split`` of channels inside
+    ``cls.forward`` cuts into, and nothing else depends on it. Such a split, into parts of that size
+    only, then prunes as ``chunk`` does (the k-th channel of every part goes together) and the shrink
+    updates the attribute; any other split at fixed sizes stays unprunable."""
+    _SPLIT_SIZES.insert(0, (cls, attr))
+
+
+def split_size_owner(stack: List[list], size: int) -> Optional[Tuple[nn.Module, str]]:
+    """The innermost running module (frames of the trace's module stack) whose registered split-size
+    attribute equals ``size``."""
+    for frame in reversed(stack):
+        m = frame[0]
+        for cls, attr in _SPLIT_SIZES:
+            if isinstance(m, cls) and getattr(m, attr, None) == size:
+                return m, attr
+    return None
+
+
 # --------------------------------------------------------------------------- #
 # the table
 # --------------------------------------------------------------------------- #

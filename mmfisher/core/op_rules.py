@@ -387,7 +387,15 @@ def split(tr: ChannelTracer, op: Op) -> None:
         tr.taint(lab, f'{op.where}: unbind over channels')
         return
     sizes = [o.shape[dim] for o in outs]
-    if op.name == 'chunk' and len(set(sizes)) == 1:
+    owner = None
+    if op.name == 'split' and len(set(sizes)) == 1:
+        # split at a size a module attribute holds (registered): the shrink updates the attribute
+        from .layers import SplitSize, split_size_owner
+        owner = split_size_owner(tr.stack, sizes[0])
+        if owner is not None:
+            rec = tr.record_for(owner[0], SplitSize(owner[1]))
+            tr.sets.union_arrays(tr.atoms_of(rec, 'size', sizes[0]), lab.atoms[:sizes[0]])
+    if (op.name == 'chunk' or owner is not None) and len(set(sizes)) == 1:
         # chunk(n) keeps equal parts after pruning if the k-th channel of every part goes together
         parts = lab.atoms.split(sizes)
         for p in parts[1:]:
@@ -489,6 +497,9 @@ def setitem(tr: ChannelTracer, op: Op) -> None:
 
 @op_rule(*REDUCE)
 def reduce(tr: ChannelTracer, op: Op) -> None:
+    if op.name in ('max', 'min') and isinstance(_arg(op.args, op.kwargs, 1, 'other', None), torch.Tensor):
+        pointwise(tr, op)        # torch.max(a, b): elementwise, as maximum
+        return
     t, lab = op.labelled[0]
     nd = t.dim()
     dim = _arg(op.args, op.kwargs, 1, 'dim', None)

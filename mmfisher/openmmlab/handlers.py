@@ -9,7 +9,8 @@ torch's), so the trace does not check them as it checks other subclasses with th
 own forward. mmcv's ``ConvAWS2d`` (DetectoRS's weight-standardised conv) gets a layer type whose
 shrink keeps the weight it convolves with; mmcv's ``ConvWS2d`` (no gain / shift) becomes a
 ``ConvAWS2d`` when it loses input channels, for the same reason. mmcv's deformable convs (DCN, DCNv2
-and their packs) prune as convs; the offsets and masks they read keep their channels. Registered when :mod:`mmfisher.openmmlab` is imported.
+and their packs) prune as convs; the offsets and masks they read keep their channels. mmdet's
+``DyReLU`` splits its coefficients at ``self.channels``: registered as a split size the shrink updates. Registered when :mod:`mmfisher.openmmlab` is imported.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import torch
 
 from ..core.atoms import Label, flat_tensors
 from ..core.layers import (Call, Conv, LayerType, ModuleRecord, _batch_of, index_attr, register_layer_type,
-                           register_plain_forward)
+                           register_plain_forward, register_split_size)
 from ..core.trace import ChannelTracer
 
 
@@ -233,3 +234,6 @@ def register_openmmlab_handlers() -> None:
     except ImportError:  # mmdet not installed: nothing to register
         return
     register_layer_type(BaseRoIExtractor, RoIExtractorType())
+    from mmdet.models.layers.se_layer import DyReLU
+    # DyHead's task attention: split(coeffs, self.channels) into a1, b1, a2, b2, each per channel of x
+    register_split_size(DyReLU, 'channels')
