@@ -10,7 +10,8 @@ own forward. mmcv's ``ConvAWS2d`` (DetectoRS's weight-standardised conv) gets a 
 shrink keeps the weight it convolves with; mmcv's ``ConvWS2d`` (no gain / shift) becomes a
 ``ConvAWS2d`` when it loses input channels, for the same reason. mmcv's deformable convs (DCN, DCNv2
 and their packs) prune as convs; the offsets and masks they read keep their channels. mmdet's
-``DyReLU`` splits its coefficients at ``self.channels``: registered as a split size the shrink updates. Registered when :mod:`mmfisher.openmmlab` is imported.
+``DyReLU`` splits its coefficients at ``self.channels``: registered as a split size the shrink
+updates. Registered when :mod:`mmfisher.openmmlab` is imported.
 """
 from __future__ import annotations
 
@@ -227,8 +228,10 @@ def register_openmmlab_handlers() -> None:
     except ImportError:
         DeformConv2d = None
     if DeformConv2d is not None:
-        register_layer_type((DeformConv2d, ModulatedDeformConv2d), DeformConvType(
-            c.forward for c in (DeformConv2d, DeformConv2dPack, ModulatedDeformConv2d, ModulatedDeformConv2dPack)))
+        deform = DeformConvType(c.forward for c in (DeformConv2d, DeformConv2dPack, ModulatedDeformConv2d,
+                                                    ModulatedDeformConv2dPack))
+        register_layer_type(DeformConv2d, deform)
+        register_layer_type(ModulatedDeformConv2d, deform)
     try:
         from mmdet.models.roi_heads.roi_extractors import BaseRoIExtractor
     except ImportError:  # mmdet not installed: nothing to register
