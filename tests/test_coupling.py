@@ -374,12 +374,27 @@ def test_a_conv_with_its_own_forward_is_pruned_only_where_it_prunes_like_a_plain
     assert max_rel_err(ref, out) < 1e-5
 
 
+def _prune_the_middle_conv(model, x):
+    """Analyse ``model`` (``model[0]`` writes the input of ``model[2]``), cut both of ``model[2]``'s groups to a
+    random half, check that the masked and the shrunk model agree; returns the compact model and the kept
+    input and output positions of ``model[2]`` ([in'], [out'] LongTensors)."""
+    from helpers import masked_and_shrunk, max_rel_err, random_keep
+    graph = analyse(model, x, strict=True)
+    into, out_of = graph.group('0'), graph.group('2')
+    assert into.prunable and out_of.prunable
+    keep = random_keep(graph, 0.5)
+    ref, out, compact = masked_and_shrunk(model, graph, keep, lambda m: m(x))
+    assert max_rel_err(ref, out) < 1e-5
+    kept_in = keep[into.offset:into.offset + into.size].nonzero().flatten()
+    kept_out = keep[out_of.offset:out_of.offset + out_of.size].nonzero().flatten()
+    return compact, kept_in, kept_out
+
+
 def test_mmcv_weight_standardised_conv_prunes_on_both_sides_and_keeps_the_weight_it_convolves_with():
     """DetectoRS's ConvAWS2d standardises each filter over its inputs: its layer type shrinks to the
     effective weight, so the compact model computes what the masked one did on both sides."""
     import mmfisher.openmmlab  # noqa: F401  (registers the layer type)
     from mmcv.cnn.bricks.conv_ws import ConvAWS2d
-    from helpers import masked_and_shrunk, max_rel_err, random_keep
     from mmfisher.core.layers import layer_type_for
     torch.manual_seed(0)
     aws = ConvAWS2d(8, 12, 3, padding=1)
@@ -387,20 +402,12 @@ def test_mmcv_weight_standardised_conv_prunes_on_both_sides_and_keeps_the_weight
         aws.weight_gamma.uniform_(0.5, 2.0)
         aws.weight_beta.normal_(0.0, 0.1)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), aws, nn.ReLU(), nn.Conv2d(12, 4, 1))
-    x = torch.randn(2, 3, 10, 10)
-    graph = analyse(model, x, strict=True)
-    assert graph.group('0').prunable and graph.group('2').prunable
-    keep = random_keep(graph, 0.5)
-    ref, out, compact = masked_and_shrunk(model, graph, keep, lambda m: m(x))
-    assert max_rel_err(ref, out) < 1e-5
+    compact, kept_in, kept_out = _prune_the_middle_conv(model, torch.randn(2, 3, 10, 10))
     # the reference: the full layer's standardised weight, computed here, sliced to the kept channels
     w = aws.weight.detach().flatten(1)
     full = (aws.weight_gamma * ((aws.weight - w.mean(1).view(-1, 1, 1, 1)) / torch.sqrt(w.var(1) + 1e-5)
                                 .view(-1, 1, 1, 1)) + aws.weight_beta).detach()
     small = compact[2]
-    into, out_of = graph.group('0'), graph.group('2')
-    kept_in = keep[into.offset:into.offset + into.size].nonzero().flatten()
-    kept_out = keep[out_of.offset:out_of.offset + out_of.size].nonzero().flatten()
     assert small.weight_gamma.shape[0] == kept_out.numel() < 12 and small.in_channels == kept_in.numel() < 8
     assert torch.allclose(small._get_weight(small.weight), full[kept_out][:, kept_in], atol=1e-5)
     # the L1 criterion scores the weight the layer convolves with, over the inputs it keeps
@@ -414,22 +421,14 @@ def test_mmcv_plain_weight_standardised_conv_becomes_a_calibrated_aws_conv_once_
     against the standardisation computed by hand; a layer that loses outputs only stays a ConvWS2d."""
     import mmfisher.openmmlab  # noqa: F401  (registers the layer type)
     from mmcv.cnn.bricks.conv_ws import ConvAWS2d, ConvWS2d
-    from helpers import masked_and_shrunk, max_rel_err, random_keep
     from mmfisher.core.layers import layer_type_for
     torch.manual_seed(0)
     ws = ConvWS2d(8, 12, 3, padding=1)
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), ws, nn.ReLU(), ConvWS2d(12, 4, 1))
     x = torch.randn(2, 3, 10, 10)
-    graph = analyse(model, x, strict=True)
-    assert graph.group('0').prunable and graph.group('2').prunable
-    keep = random_keep(graph, 0.5)
-    ref, out, compact = masked_and_shrunk(model, graph, keep, lambda m: m(x))
-    assert max_rel_err(ref, out) < 1e-5
+    compact, kept_in, kept_out = _prune_the_middle_conv(model, x)
     w = ws.weight.detach().flatten(1)      # by hand: mean and unbiased std over inputs and kernel, + eps
     full = (ws.weight.detach() - w.mean(1).view(-1, 1, 1, 1)) / (w.std(1).view(-1, 1, 1, 1) + 1e-5)
-    into, out_of = graph.group('0'), graph.group('2')
-    kept_in = keep[into.offset:into.offset + into.size].nonzero().flatten()
-    kept_out = keep[out_of.offset:out_of.offset + out_of.size].nonzero().flatten()
     small = compact[2]
     assert type(small) is ConvAWS2d and small.in_channels == kept_in.numel() < 8
     assert torch.allclose(small._get_weight(small.weight), full[kept_out][:, kept_in], atol=1e-5)

@@ -252,6 +252,16 @@ class Conv(LayerType):
 
     def trace(self, tracer, rec, args, out):
         m, x = rec.module, args[0]
+        ain, aout, _ = self.channel_atoms(tracer, rec, x)
+        check_own_forward(tracer, rec, x, out, ain, aout, 1)
+        rec.calls.append(Call(out.numel() // out.shape[1], tuple(x.shape), tuple(out.shape)))
+        tracer.set_label(out, Label(1, aout))
+
+    @staticmethod
+    def channel_atoms(tracer, rec, x) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+        """``(in atoms [in], out atoms [out], whether this is the module's first call)`` of a conv-like
+        module called on ``x`` (``[N, in, ...]``); a group conv's group j has its inputs and outputs unioned."""
+        m = rec.module
         _batch_of(tracer, x)
         first = 'out' not in rec.arrays
         ain = tracer.input_atoms(rec, 'in', x, 1, m.in_channels)
@@ -259,9 +269,7 @@ class Conv(LayerType):
         if first and m.groups > 1:
             # prune whole groups: group j's input and output channels go together
             tracer.sets.union_rows(torch.cat([ain.view(m.groups, -1), aout.view(m.groups, -1)], 1))
-        check_own_forward(tracer, rec, x, out, ain, aout, 1)
-        rec.calls.append(Call(out.numel() // out.shape[1], tuple(x.shape), tuple(out.shape)))
-        tracer.set_label(out, Label(1, aout))
+        return ain, aout, first
 
     def shrink(self, m, keep):
         keep_out, keep_in = keep['out'], keep['in']

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 import torch
 
 from .atoms import Label, flat_tensors
+from .layers import SplitSize, split_size_owner
 
 if TYPE_CHECKING:
     from .trace import ChannelTracer
@@ -390,7 +391,6 @@ def split(tr: ChannelTracer, op: Op) -> None:
     owner = None
     if op.name == 'split' and len(set(sizes)) == 1:
         # split at a size a module attribute holds (registered): the shrink updates the attribute
-        from .layers import SplitSize, split_size_owner
         owner = split_size_owner(tr.stack, sizes[0])
         if owner is not None:
             rec = tr.record_for(owner[0], SplitSize(owner[1]))

@@ -20,8 +20,8 @@ from typing import Any, Dict
 import torch
 
 from ..core.atoms import Label, flat_tensors
-from ..core.layers import (Call, Conv, LayerType, ModuleRecord, _batch_of, index_attr, register_layer_type,
-                           register_plain_forward, register_split_size)
+from ..core.layers import (Call, Conv, LayerType, ModuleRecord, index_attr, register_layer_type, register_plain_forward,
+                           register_split_size)
 from ..core.trace import ChannelTracer
 
 
@@ -179,12 +179,7 @@ class DeformConvType(Conv):
 
     def trace(self, tracer, rec, args, out):
         m, x = rec.module, args[0]
-        _batch_of(tracer, x)
-        first = 'out' not in rec.arrays
-        ain = tracer.input_atoms(rec, 'in', x, 1, m.in_channels)
-        aout = tracer.atoms_of(rec, 'out', m.out_channels)
-        if first and m.groups > 1:
-            tracer.sets.union_rows(torch.cat([ain.view(m.groups, -1), aout.view(m.groups, -1)], 1))
+        ain, aout, first = self.channel_atoms(tracer, rec, x)
         if first and m.deform_groups > 1:
             tracer.sets.taint(ain, f'{rec.name} ({type(m).__name__}): deformable conv with '
                                    f'{m.deform_groups} deform groups (offsets per block of input channels); '
