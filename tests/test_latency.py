@@ -365,3 +365,92 @@ def test_timings_keep_freed_memory_so_a_forward_pays_no_page_faults():
     out = {mode: int(subprocess.run([sys.executable, '-c', code, mode], env=env, capture_output=True, text=True,
                                      check=True).stdout.split()[-1]) for mode in ('default', 'held')}
     assert out['default'] > 5 * 8000 and out['held'] < 100, out
+
+
+class PooledStem(torch.nn.Module):
+    """A ResNet stem in miniature: conv, BN, ReLU and max-pool modules, then two convs."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(8)
+        self.relu = torch.nn.ReLU(inplace=True)
+        self.pool = torch.nn.MaxPool2d(3, 2, 1)
+        self.conv2 = torch.nn.Conv2d(8, 6, 3, padding=1)
+        self.head = torch.nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.relu(self.conv2(self.pool(self.relu(self.bn(self.conv1(x)))))))
+
+
+def test_norms_activations_and_poolings_are_costed_on_the_channels_they_carry():
+    """The work outside the layers: every call of a norm or of a child-less module on channels, with the
+    group its input belongs to. The ReLU module runs twice, on two groups: two entries."""
+    model = PooledStem().eval()
+    graph = analyse(model, torch.randn(1, 3, 16, 16))
+    cost = CostModel(model, graph)
+    entries = {C.name: C for C in cost.channelwise}
+    assert sorted(entries) == ['bn', 'pool', 'relu', 'relu#1']
+    stem, mid = graph.group('conv1'), graph.group('conv2')
+    assert entries['pool'].idx.tolist() == list(range(stem.offset, stem.offset + 8))
+    assert entries['pool'].in_shape == (1, 8, 16, 16)
+    assert entries['relu'].idx.tolist() == list(range(stem.offset, stem.offset + 8))
+    assert entries['relu#1'].idx.tolist() == list(range(mid.offset, mid.offset + 6))
+    assert entries['relu#1'].in_shape == (1, 6, 16 // 2, 16 // 2)
+    # the loss forward's calls are not kept: only the forward the costs follow
+    g2 = analyse(model, torch.randn(1, 3, 16, 16), also=[lambda: model(torch.randn(1, 3, 16, 16)).sum()])
+    assert len(g2.channelwise) == len(graph.channelwise) == 3
+
+
+def test_the_total_and_the_saving_count_norms_activations_and_poolings():
+    """Against the obvious sums: synthetic tables (a layer: in * out / 1000 ms; a channel-wise call:
+    0.1 ms per channel for the pooling, 0.01 otherwise), the total by hand, the saving as the drop of the
+    total when one channel goes."""
+    from mmfisher.core.latency import ChannelwiseTable
+    model = PooledStem().eval()
+    graph = analyse(model, torch.randn(1, 3, 16, 16))
+    cost = CostModel(model, graph)
+    tables = []
+    for L in cost.layers:
+        gi = torch.tensor(sorted({1.0, float(L.in_idx.numel())}), dtype=torch.float64)
+        go = torch.tensor(sorted({1.0, float(L.out_idx.numel())}), dtype=torch.float64)
+        tables.append(LayerTable(L.name, gi, go, gi[:, None] * go[None, :] / 1000))
+    per = {C.name: 0.1 if C.name == 'pool' else 0.01 for C in cost.channelwise}
+    cw = [ChannelwiseTable(C.name, torch.tensor([1.0, float(C.idx.numel())], dtype=torch.float64),
+                           per[C.name] * torch.tensor([1.0, float(C.idx.numel())], dtype=torch.float64))
+          for C in cost.channelwise]
+    lat = LatencyModel(cost, tables, (1.5, 0.3, 1e-4), 'synthetic', channelwise=cw)
+    keep = torch.ones(graph.num_channels, dtype=torch.bool)
+    stem, mid = graph.group('conv1'), graph.group('conv2')
+    keep[stem.offset + 1] = keep[mid.offset] = False
+    n_stem, n_mid = 7, 5
+    layers = 3 * n_stem + n_stem * n_mid + n_mid * 2
+    by_hand = (1.5 * (layers / 1000 + 0.01 * n_stem + 0.1 * n_stem + 0.01 * n_stem + 0.01 * n_mid) + 0.3
+               + 1e-4 * cost.layer_totals(keep)[1])
+    assert abs(lat.total(keep) - by_hand) < 1e-12
+    saving = lat.saving(keep)
+    now = lat.total(keep)
+    for ch in range(graph.num_channels):
+        if keep[ch] and graph.prunable[ch]:
+            less = keep.clone()
+            less[ch] = False
+            assert abs(float(saving[ch]) - (now - lat.total(less))) < 1e-12
+    # a stem channel now saves its pooling's 0.1 ms (x alpha) besides its layers, BN and ReLU
+    assert float(saving[stem.offset]) > 1.5 * 0.1
+
+
+def test_every_norm_activation_and_pooling_call_is_timed_and_saved_with_the_model(tmp_path):
+    model = PooledStem().eval()
+    graph = analyse(model, torch.randn(1, 3, 16, 16))
+    cache = TimingCache(str(tmp_path / 'c.json'))
+    lat = LatencyModel.measure(model, graph, lambda m: (lambda: m(torch.randn(1, 3, 16, 16))), cache=cache,
+                               repeats=1, rounds=1, quantum=1)
+    assert [t.name for t in lat.channelwise] == [C.name for C in lat.cost.channelwise]
+    pool = lat.channelwise[[t.name for t in lat.channelwise].index('pool')]
+    assert pool.grid.tolist() == [1.0, 2.0, 4.0, 6.0, 8.0] and (pool.times > 0).all()
+    again = LatencyModel.from_state(CostModel(model, graph), lat.state_dict())
+    keep = torch.rand(graph.num_channels, generator=torch.Generator().manual_seed(1)) > 0.3
+    assert again.total(keep) == lat.total(keep)
+    # a state saved before these were timed predicts as it did: layers and the fit only
+    old = {k: v for k, v in lat.state_dict().items() if k != 'channelwise'}
+    assert LatencyModel.from_state(CostModel(model, graph), old).channelwise == []

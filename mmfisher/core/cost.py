@@ -48,6 +48,21 @@ class _Layer:
     in_n: torch.Tensor
 
 
+@dataclass
+class _Channelwise:
+    """Work outside the layers whose time follows a channel count: one call of a norm or of a child-less
+    module without a layer type (:class:`~mmfisher.core.layers.ChannelwiseCall`). Only the latency model
+    uses it (FLOPs, memory and params are the layers')."""
+    name: str                  # the module, and the call's index when it has several
+    module: nn.Module
+    in_shape: Tuple[int, ...]
+    idx: torch.Tensor          # [in_shape[1]] flat channel of each position (U = untracked)
+    unit: int                  # positions that go together (a GroupNorm group: channels per group)
+    shrink: object             # None, or the layer type whose shrink gives the module fewer channels
+    u: torch.Tensor            # unique prunable channels among the positions, with their position counts
+    n: torch.Tensor
+
+
 class CostModel:
     """FLOPs / memory / params of a model whose channels follow a keep vector."""
 
@@ -70,6 +85,21 @@ class CostModel:
                                           in_idx.numel() // geo.groups, geo.groups > 1, geo.bias, ou, on, iu, inn))
             elif 'feat' in rec.arrays and lt.params_per_channel(m):
                 self.norms.append((self._ext(graph.arrays[(name, 'feat')].channel, U), lt.params_per_channel(m)))
+        self.channelwise: List[_Channelwise] = []
+        for name, rec in graph.records.items():
+            if rec.layer_type.produces or 'feat' not in rec.arrays or not rec.calls:
+                continue
+            idx = self._ext(graph.arrays[(name, 'feat')].channel, U)
+            unit = rec.module.num_channels // rec.module.num_groups if isinstance(rec.module, nn.GroupNorm) else 1
+            for k, c in enumerate(rec.calls):
+                if len(c.in_shape) >= 2 and c.in_shape[1] == idx.numel():
+                    self._add_channelwise(name if len(rec.calls) == 1 else f'{name}#{k}', rec.module, c.in_shape,
+                                          idx, unit, rec.layer_type)
+        seen_calls: Dict[str, int] = {}
+        for call, chan in graph.channelwise:
+            k = seen_calls[call.name] = seen_calls.get(call.name, -1) + 1
+            self._add_channelwise(f'{call.name}#{k}' if k else call.name, call.module, call.in_shape,
+                                  self._ext(chan, U), 1, None)
         seen = set()
         self.total_params = 0
         for p in model.parameters():
@@ -84,6 +114,10 @@ class CostModel:
         for L in self.layers:
             self._memory.index_add_(0, L.out_u, L.out_n * L.rows)
         self._memory = self._memory[:U]
+
+    def _add_channelwise(self, name, module, in_shape, idx, unit, shrink) -> None:
+        u, n = self._counts(idx, self.num_channels)
+        self.channelwise.append(_Channelwise(name, module, tuple(in_shape), idx, unit, shrink, u, n))
 
     def attach_latency(self, latency) -> None:
         """Count ``latency`` (a :class:`~mmfisher.core.latency.LatencyModel` built on this cost model) as a

@@ -84,6 +84,9 @@ class CouplingGraph:
         self.mirrors: List[Tuple[str, str]] = []           # (copy, source): the copy loses the source's channels
         self.groups: List[ChannelGroup] = []
         self.arrays: Dict[Tuple[str, str], LayerArray] = {}
+        # calls of child-less modules without a layer type on channels (activations, pooling): their
+        # module, input shape and ``channel`` ([in_shape[1]] flat channel of each position, -1: kept)
+        self.channelwise: List[Tuple[ChannelwiseCall, torch.Tensor]] = []
         self._build(tracer)
 
     # ------------------------------------------------------------------ #
@@ -138,6 +141,11 @@ class CouplingGraph:
             grp.reasons.extend(x for x in reasons[r] if x not in grp.reasons)
 
         flat_chan = _gather(chan_of_root, flat_roots)         # flat channel of every position, -1: untracked
+        if tracer.channelwise:
+            cw_atoms = torch.cat([c.atoms for c in tracer.channelwise])
+            cw_chan = _gather(chan_of_root, _gather(root, cw_atoms))
+            self.channelwise = list(zip(tracer.channelwise, cw_chan.split([c.atoms.numel()
+                                                                           for c in tracer.channelwise])))
         for (name, role), chan in zip(keys, flat_chan.split(lengths)):
             self.arrays[(name, role)] = LayerArray(name, role, chan)
         # (array, group) pairs, ordered by array then group: each array's module joins its groups' lists

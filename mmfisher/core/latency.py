@@ -17,16 +17,22 @@ The latency model of a network (``LatencyModel.measure``):
   rounded up to multiples of ``q``, times the penalty where a count is off a multiple; the grid's
   times are first made non-decreasing in the channel counts (:func:`monotone`: timing noise never
   makes fewer channels look slower);
+* every call of a norm, and of a module without children and without a layer type (an activation, a
+  pooling) on channels (``CostModel.channelwise``), is timed alone the same way at 1, 1/4, 1/2, 3/4 and
+  all of its channels (``ChannelwiseTable``, linear between): their cost per element differs by
+  two orders of magnitude (on the demo detector at 640x640 the stem's max-pooling takes 14 ms of a
+  55 ms forward, more than all of its ReLUs and BNs), so one per-element coefficient cannot hold it;
 * the whole network is timed at several uniform widths (``WIDTHS``: aligned and not), and
-  ``T(keep) = alpha * sum_L T_L(n_in, n_out) + a + b * memory(keep)`` is fitted to those times in
-  relative error: the layers measured alone (``alpha``: how their sum compares with the network's),
-  a fixed cost (``a``: Python, dispatch, post-processing-free heads) and the per-channel work outside
-  the layers (``b``: norms, activations, adds, resampling, which scale with the feature maps).
+  ``T(keep) = alpha * (sum_L T_L(n_in, n_out) + sum_C T_C(n)) + a + b * memory(keep)`` is fitted to those
+  times in relative error: the modules measured alone (``alpha``: how their sum compares with the
+  network's), a fixed cost (``a``: Python, dispatch, post-processing-free heads) and the per-channel
+  work of the functional ops outside them (``b``: adds, resampling, which scale with the feature maps).
 
 Removing channel ``c`` saves, in every layer that reads or writes it, the layer's predicted drop
 from its count now to the next multiple of ``q`` below, shared by the channels that must go to get
 there (with ``q = 1``: exactly the drop of the total when ``c`` alone goes), plus ``b`` times its
-feature-map elements (:meth:`LatencyModel.saving`). One channel off a full block saves nothing on a
+feature-map elements, plus the drop of every norm, activation and pooling call it is in
+(:meth:`LatencyModel.saving`). One channel off a full block saves nothing on a
 staircase; the amortised saving lets the greedy decision see the block that removing it starts.
 Timings are cached per device, torch version, thread count and layer shape
 (``~/.cache/mmfisher/latency.json``, or ``$MMFISHER_CACHE_DIR``), so a second run measures nothing.
@@ -296,6 +302,33 @@ class LayerTable:
                    tuple(float(v) for v in s.get('penalty', (1.0, 1.0, 1.0))))
 
 
+@dataclass
+class ChannelwiseTable:
+    """``times[i]``: ms of one call of a norm, an activation or a pooling (a
+    :class:`~mmfisher.core.cost.CostModel` channel-wise entry) alone with ``grid[i]`` channels; linear
+    between and beyond the grid. All zero where the module could not be run alone: its work is then left
+    to the fit's per-element term."""
+
+    name: str
+    grid: torch.Tensor             # [G] float64, ascending
+    times: torch.Tensor            # [G]
+
+    def __post_init__(self) -> None:
+        self.times = monotone(self.times)
+
+    def predict(self, n: torch.Tensor) -> torch.Tensor:
+        """ms at ``n`` channels (float64 tensor)."""
+        return interp1(self.grid, self.times, n)
+
+    def state(self) -> Dict[str, Any]:
+        return {'name': self.name, 'grid': self.grid.tolist(), 'times': self.times.tolist()}
+
+    @classmethod
+    def from_state(cls, s: Dict[str, Any]) -> 'ChannelwiseTable':
+        t = lambda v: torch.tensor(v, dtype=torch.float64)  # noqa: E731
+        return cls(s['name'], t(s['grid']), t(s['times']))
+
+
 def monotone(times: torch.Tensor) -> torch.Tensor:
     """``times`` (``[I, O]`` or ``[G]``, grids ascending) made non-decreasing along every axis: each entry
     becomes the least time measured at that many channels or more. A layer with fewer channels is never
@@ -364,13 +397,19 @@ class LatencyModel:
     """Predicted latency (ms) of a model whose channels follow a keep vector. See module docstring."""
 
     def __init__(self, cost: CostModel, tables: Sequence[LayerTable], coef: Sequence[float],
-                 device: str, measured: Optional[Dict[str, Any]] = None) -> None:
+                 device: str, measured: Optional[Dict[str, Any]] = None,
+                 channelwise: Optional[Sequence[ChannelwiseTable]] = None) -> None:
         self.cost = cost
         self.tables = list(tables)
-        if len(self.tables) != len(cost.layers):
-            raise ValueError(f'{len(self.tables)} latency tables for {len(cost.layers)} layers: this latency '
-                             f'model was measured on another architecture')
-        for t, L in zip(self.tables, cost.layers):
+        # one per cost.channelwise entry; None (a state saved before they were measured): none counted
+        self.channelwise = list(channelwise) if channelwise is not None else []
+        self._channelwise_given = channelwise is not None
+        if len(self.tables) != len(cost.layers) or (channelwise is not None
+                                                    and len(self.channelwise) != len(cost.channelwise)):
+            raise ValueError(f'{len(self.tables)} latency tables for {len(cost.layers)} layers, '
+                             f'{len(self.channelwise)} for {len(cost.channelwise)} norms, activations and poolings: '
+                             f'this latency model was measured on another architecture')
+        for t, L in list(zip(self.tables, cost.layers)) + list(zip(self.channelwise, cost.channelwise)):
             if t.name != L.name:
                 raise ValueError(f'latency table for {t.name!r} where the model has layer {L.name!r}: this latency '
                                  f'model was measured on another architecture')
@@ -391,11 +430,20 @@ class LatencyModel:
             out.append(t.predict(n_in.view(1), n_out.view(1)))
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
 
+    def channelwise_ms(self, keep: torch.Tensor) -> torch.Tensor:
+        """``[len(self.channelwise)]`` float64: every norm, activation and pooling call's predicted ms at ``keep``."""
+        alive = self.cost.alive(keep)
+        out = [t.predict(alive[C.idx].sum().view(1)) for t, C in zip(self.channelwise, self.cost.channelwise)]
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+    def modules_ms(self, keep: torch.Tensor) -> float:
+        """The predicted ms of every timed module alone (layers, norms, activations, poolings), summed."""
+        return float(self.layer_ms(keep).sum()) + float(self.channelwise_ms(keep).sum())
+
     def total(self, keep: torch.Tensor) -> float:
         """Predicted ms of the network with only ``keep`` channels."""
-        layers = float(self.layer_ms(keep).sum())
         memory = self.cost.layer_totals(keep)[1]
-        return self.alpha * layers + self.fixed + self.per_memory * memory
+        return self.alpha * self.modules_ms(keep) + self.fixed + self.per_memory * memory
 
     def saving(self, keep: torch.Tensor) -> torch.Tensor:
         """``[num_channels]`` float64: the predicted ms that removing each channel saves now: with quantum 1,
@@ -420,18 +468,26 @@ class LatencyModel:
             after = t.predict(n_in - k * di, n_out - k * do)
             now = t.predict(n_in.view(1), n_out.view(1))
             out.index_add_(0, touched, self.alpha * (now - after) / k)
+        for t, C in zip(self.channelwise, self.cost.channelwise):
+            inside = C.u < U
+            if not inside.any():
+                continue
+            n = alive[C.idx].sum()
+            out.index_add_(0, C.u[inside], self.alpha * (t.predict(n.view(1)) - t.predict(n - C.n[inside])))
         return out[:U] + self.per_memory * self.cost.saving('memory', keep)
 
     # ---- state --------------------------------------------------------- #
     def state_dict(self) -> Dict[str, Any]:
         """Plain data (loads with ``torch.load(weights_only=True)`` and JSON)."""
         return {'device': self.device, 'coef': [self.alpha, self.fixed, self.per_memory],
-                'tables': [t.state() for t in self.tables], 'measured': self.measured}
+                'tables': [t.state() for t in self.tables], 'measured': self.measured,
+                'channelwise': [t.state() for t in self.channelwise] if self._channelwise_given else None}
 
     @classmethod
     def from_state(cls, cost: CostModel, state: Dict[str, Any]) -> 'LatencyModel':
+        cw = state.get('channelwise')
         return cls(cost, [LayerTable.from_state(s) for s in state['tables']], state['coef'], state['device'],
-                   state.get('measured'))
+                   state.get('measured'), None if cw is None else [ChannelwiseTable.from_state(s) for s in cw])
 
     # ---- measuring ----------------------------------------------------- #
     @classmethod
@@ -472,12 +528,18 @@ class LatencyModel:
             if (k + 1) % 10 == 0 or k + 1 == len(cost.layers):
                 log(f'latency model: {k + 1}/{len(cost.layers)} layers timed on {dev} '
                     f'({cache.measured} new timings, {time.perf_counter() - t0:.0f} s)')
+        cw_tables = [_measure_channelwise(C, graph.prunable, device, dev, cache) for C in cost.channelwise]
+        if cw_tables:
+            alone = sum(1 for t in cw_tables if not float(t.times.max()) > 0)
+            log(f'latency model: {len(cw_tables)} calls of norms, activations and poolings timed on {dev} '
+                f'({cache.measured} new timings, {time.perf_counter() - t0:.0f} s)'
+                + (f'; {alone} could not run alone and count in the per-element term' if alone else ''))
         # the network at several uniform widths, timed in interleaved rounds (the median of each network's
         # rounds): timed one after another, this CPU's drift of 10-20% between minutes went into the fit
         # (at 640x640 the full network once measured 1070 ms and width 0.8 1037 ms)
         measured = {'widths': [], 'ms': [], 'layers_ms': [], 'memory': [], 'quantum': quantum}
         full = torch.ones(graph.num_channels, dtype=torch.bool)
-        provisional = cls(cost, tables, (1.0, 0.0, 0.0), dev)
+        provisional = cls(cost, tables, (1.0, 0.0, 0.0), dev, channelwise=cw_tables)
         was_training = model.training
         model.eval()
         try:
@@ -494,14 +556,14 @@ class LatencyModel:
                 ms = statistics.median(times)
                 measured['widths'].append(w)
                 measured['ms'].append(ms)
-                measured['layers_ms'].append(float(provisional.layer_ms(keep).sum()))
+                measured['layers_ms'].append(provisional.modules_ms(keep))
                 measured['memory'].append(cost.layer_totals(keep)[1])
                 log(f'latency model: the network at width {w:.2f}: {ms:.1f} ms measured (median of '
-                    f'{len(times)} rounds), {measured["layers_ms"][-1]:.1f} ms in its layers alone')
+                    f'{len(times)} rounds), {measured["layers_ms"][-1]:.1f} ms in its modules alone')
         finally:
             model.train(was_training)
         cache.save()
-        return cls(cost, tables, fit(measured), dev, measured)
+        return cls(cost, tables, fit(measured), dev, measured, cw_tables)
 
 
 def fit(measured: Dict[str, List[float]]) -> Tuple[float, float, float]:
@@ -582,6 +644,36 @@ def _measure_layer(rec, L, prunable: torch.Tensor, device: torch.device, dev: st
                       torch.tensor(times, dtype=torch.float64), quantum=quantum, penalty=penalty)
 
 
-__all__ = ['LatencyModel', 'LayerTable', 'TimingCache', 'time_ms', 'hold_freed_memory', 'roomy_primitive_cache',
+def _measure_channelwise(C, prunable: torch.Tensor, device: torch.device, dev: str,
+                         cache: TimingCache) -> ChannelwiseTable:
+    """Time one norm, activation or pooling call alone (a copy of the module in eval mode, with fewer
+    channels where it has channel-indexed parameters) at the grid of its channel counts."""
+    m = C.module
+    U = prunable.numel()
+    ext = torch.cat([prunable, torch.zeros(1, dtype=torch.bool)])
+    n = int(C.idx.numel())
+    fixed = int((~ext[C.idx.clamp(max=U)]).sum())
+    counts = _grid(n, fixed, unit=C.unit)
+    sig = f'{type(m).__module__}.{type(m).__qualname__} {m!r}'.replace('\n', ' ')
+
+    def timed(c: int) -> float:
+        def run_it():
+            mod = copy.deepcopy(m).to(device).eval()
+            if C.shrink is not None and c < n:
+                C.shrink.shrink(mod, {'feat': torch.arange(c, device=device)})
+            s = list(C.in_shape)
+            s[1] = c
+            x = torch.randn(*s, device=device)
+            return time_ms(lambda: mod(x), device)
+        return cache.get(f'{dev}|{sig}|channels={c}|input={list(C.in_shape)}', run_it)
+
+    try:
+        times = [timed(c) for c in counts]
+    except Exception:  # noqa: BLE001  a module that cannot run alone on a random input: left to the fit
+        times = [0.0] * len(counts)
+    return ChannelwiseTable(C.name, torch.tensor(counts, dtype=torch.float64), torch.tensor(times, dtype=torch.float64))
+
+
+__all__ = ['LatencyModel', 'LayerTable', 'ChannelwiseTable', 'TimingCache', 'time_ms', 'hold_freed_memory', 'roomy_primitive_cache',
            'device_name', 'detect_quantum', 'interp1',
            'interp2', 'fit', 'monotone']

@@ -47,6 +47,19 @@ class Call:
 
 
 @dataclass
+class ChannelwiseCall:
+    """One call of a module of the model without a layer type and without children (an activation, a
+    pooling, a scale), on an input whose dim 1 carries channels: work outside the layers whose time
+    follows the channel count. The latency model times it alone (:mod:`mmfisher.core.latency`); nothing
+    else uses it."""
+
+    name: str
+    module: nn.Module
+    in_shape: Tuple[int, ...]
+    atoms: torch.Tensor      # [in_shape[1]] atoms of the input's channel dim
+
+
+@dataclass
 class ModuleRecord:
     """A module whose parameters are indexed by channels, as the trace saw it.
 

@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch.overrides import TorchFunctionMode
 
 from .atoms import AtomSets, Label, flat_tensors
-from .layers import LayerType, ModuleRecord, layer_type_for
+from .layers import ChannelwiseCall, LayerType, ModuleRecord, layer_type_for
 from .op_rules import FACTORY, INSPECT, Op, function_name, normalise, rule_for
 
 
@@ -65,6 +65,7 @@ class ChannelTracer:
         self._layer_types: Dict[int, Optional[LayerType]] = {}   # id(module) -> its layer type, looked up once
         self.records: Dict[int, ModuleRecord] = {}
         self.order: List[int] = []               # ids of records in first-call order
+        self.channelwise: List[ChannelwiseCall] = []   # calls of child-less modules without a layer type
         # id(tensor) -> (weak reference, label): intermediate tensors are freed as in a plain forward;
         # a recycled id is told apart by its dead reference
         self.labels: Dict[int, Tuple['weakref.ref', Label]] = {}
@@ -165,6 +166,7 @@ class ChannelTracer:
         ran is still true of the model) and its error kept in :attr:`skipped`. Returns ``forward()``'s output."""
         output = self._run_one(forward)
         counted = {i: len(rec.calls) for i, rec in self.records.items()}
+        counted_channelwise = len(self.channelwise)
         for extra in also:
             try:
                 self._run_one(extra)
@@ -174,6 +176,7 @@ class ChannelTracer:
                 self.skipped.append(f'{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}')
         for i, n in counted.items():
             del self.records[i].calls[n:]
+        del self.channelwise[counted_channelwise:]
         return output
 
     def _run_one(self, forward: Callable[[], Any]) -> Any:
@@ -253,6 +256,7 @@ class ModuleHooks:
         if not is_leaf:
             if not tr.inside_leaf():
                 self.check_visible(module, args, output, watch)
+                self.note_channelwise(module, args)
             return
         lt = tr.layer_type(module)
         tr.stack.append([module, True, None])  # names in messages point at this module
@@ -264,6 +268,18 @@ class ModuleHooks:
             tr.leaf_depth -= 1
         for o in flat_tensors(output, []):
             self.produced[id(o)] = o
+
+    def note_channelwise(self, module: nn.Module, args: tuple) -> None:
+        """A child-less module of the model without a layer type, whose first argument has channels on dim 1:
+        keep its call for the latency model (:class:`~mmfisher.core.layers.ChannelwiseCall`)."""
+        tr = self.tr
+        if not args or not isinstance(args[0], torch.Tensor) or id(module) not in tr.names:
+            return
+        if next(module.children(), None) is not None:
+            return
+        lab = tr.label(args[0])
+        if lab is not None and lab.dim == 1 and args[0].dim() >= 2:
+            tr.channelwise.append(ChannelwiseCall(tr.names[id(module)], module, tuple(args[0].shape), lab.atoms))
 
     def check_visible(self, module: nn.Module, args: tuple, output: Any, watch: Optional[dict]) -> None:
         """Catch compiled ops: outputs no visible op produced, or labelled inputs nothing visible read."""
