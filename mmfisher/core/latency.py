@@ -21,7 +21,7 @@ The latency model of a network (``LatencyModel.measure``):
   pooling) on channels (``CostModel.channelwise``), is timed alone the same way at 1, 1/4, 1/2, 3/4 and
   all of its channels (``ChannelwiseTable``, linear between): their cost per element differs by
   two orders of magnitude (on the demo detector at 640x640 the stem's max-pooling takes 14 ms of a
-  55 ms forward, more than all of its ReLUs and BNs), so one per-element coefficient cannot hold it;
+  55-65 ms forward, more than all of its ReLUs and BNs), so one per-element coefficient cannot hold it;
 * the whole network is timed at several uniform widths (``WIDTHS``: aligned and not), and
   ``T(keep) = alpha * (sum_L T_L(n_in, n_out) + sum_C T_C(n)) + a + b * memory(keep)`` is fitted to those
   times in relative error: the modules measured alone (``alpha``: how their sum compares with the
