@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from .atoms import connected_roots
-from .layers import ModuleRecord
+from .layers import ChannelwiseCall, ModuleRecord
 from .mirrors import find_mirrors, tie_mirrors
 from .trace import ChannelTracer
 
