@@ -157,20 +157,24 @@ def test_a_staircase_table_predicts_the_multiple_above_times_its_penalty():
     assert seven > eight
 
 
+def in_times_out_tables(cost, **staircase):
+    """Synthetic layer tables: ms = in * out / 1000, timed at 1 and all channels on each side; ``staircase``
+    (``quantum``, ``penalty``) goes to every layer but group convs."""
+    tables = []
+    for L in cost.layers:
+        gi = torch.tensor(sorted({1.0, float(L.in_idx.numel())}), dtype=torch.float64)
+        go = torch.tensor(sorted({1.0, float(L.out_idx.numel())}), dtype=torch.float64)
+        tables.append(LayerTable(L.name, gi, go, gi[:, None] * go[None, :] / 1000, **({} if L.grouped else staircase)))
+    return tables
+
+
 def test_saving_on_a_staircase_is_the_share_of_the_drop_to_the_next_multiple_below(measured):
     """Against the slow computation: for every layer a channel is in, remove as many channels of its group
     as it takes that layer to reach the next multiple of the quantum below, predict the layer with and
     without them, and share the drop among them."""
     model, graph, _, _ = measured
     cost = CostModel(model, graph)
-    tables = []
-    for L in cost.layers:
-        gi = torch.tensor(sorted({1.0, float(L.in_idx.numel())}), dtype=torch.float64)
-        go = torch.tensor(sorted({1.0, float(L.out_idx.numel())}), dtype=torch.float64)
-        t = gi[:, None] * go[None, :] / 1000
-        grouped = L.grouped
-        tables.append(LayerTable(L.name, gi, go, t) if grouped else
-                      LayerTable(L.name, gi, go, t, quantum=4, penalty=(1.2, 1.1, 1.5)))
+    tables = in_times_out_tables(cost, quantum=4, penalty=(1.2, 1.1, 1.5))
     lat = LatencyModel(cost, tables, (1.0, 0.5, 2e-4), 'synthetic')
     keep = torch.ones(graph.num_channels, dtype=torch.bool)
     stream = graph.group('stem')
@@ -237,11 +241,7 @@ def synthetic_latency(model, graph):
     """A latency model with known tables (ms = in * out / 1000 per layer, plus 20% fixed): the pruner's
     use of it is tested without timing noise."""
     cost = CostModel(model, graph)
-    tables = []
-    for L in cost.layers:
-        gi = torch.tensor(sorted({1.0, float(L.in_idx.numel())}), dtype=torch.float64)
-        go = torch.tensor(sorted({1.0, float(L.out_idx.numel())}), dtype=torch.float64)
-        tables.append(LayerTable(L.name, gi, go, gi[:, None] * go[None, :] / 1000))
+    tables = in_times_out_tables(cost)
     layers = LatencyModel(cost, tables, (1.0, 0.0, 0.0), 'synthetic').original
     return LatencyModel(cost, tables, (1.0, 0.25 * layers, 0.0), 'synthetic')
 
@@ -410,11 +410,7 @@ def test_the_total_and_the_saving_count_norms_activations_and_poolings():
     model = PooledStem().eval()
     graph = analyse(model, torch.randn(1, 3, 16, 16))
     cost = CostModel(model, graph)
-    tables = []
-    for L in cost.layers:
-        gi = torch.tensor(sorted({1.0, float(L.in_idx.numel())}), dtype=torch.float64)
-        go = torch.tensor(sorted({1.0, float(L.out_idx.numel())}), dtype=torch.float64)
-        tables.append(LayerTable(L.name, gi, go, gi[:, None] * go[None, :] / 1000))
+    tables = in_times_out_tables(cost)
     per = {C.name: 0.1 if C.name == 'pool' else 0.01 for C in cost.channelwise}
     cw = [ChannelwiseTable(C.name, torch.tensor([1.0, float(C.idx.numel())], dtype=torch.float64),
                            per[C.name] * torch.tensor([1.0, float(C.idx.numel())], dtype=torch.float64))
