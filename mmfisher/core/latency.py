@@ -19,9 +19,9 @@ The latency model of a network (``LatencyModel.measure``):
   makes fewer channels look slower);
 * every call of a norm, and of a module without children and without a layer type (an activation, a
   pooling) on channels (``CostModel.channelwise``), is timed alone the same way at 1, 1/4, 1/2, 3/4 and
-  all of its channels (``ChannelwiseTable``, linear between): their cost per element differs by
-  two orders of magnitude (on the demo detector at 640x640 the stem's max-pooling takes 14 ms of a
-  55-65 ms forward, more than all of its ReLUs and BNs), so one per-element coefficient cannot hold it;
+  all of its channels (``ChannelwiseTable``, linear between): one per-element coefficient cannot hold
+  them (on the demo detector at 640x640 the stem's one max-pooling call takes about 10 ms of a 63 ms
+  forward, more than all of its ReLUs and BNs together: ``benchmarks/op_profile.py``);
 * the whole network is timed at several uniform widths (``WIDTHS``: aligned and not), and
   ``T(keep) = alpha * (sum_L T_L(n_in, n_out) + sum_C T_C(n)) + a + b * memory(keep)`` is fitted to those
   times in relative error: the modules measured alone (``alpha``: how their sum compares with the
