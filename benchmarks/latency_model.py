@@ -23,7 +23,6 @@ Prints one table per size with the FLOPs ratio, predicted ms, measured ms and th
 largest error. Run it alone: other CPU work on the machine makes both columns meaningless.
 """
 import argparse
-import copy
 import json
 import os.path as osp
 import statistics
@@ -87,7 +86,7 @@ def main(argv=None):
     from mmfisher.core.latency import roomy_primitive_cache
     roomy_primitive_cache()   # before the first conv: many models are timed in turn
     import torch
-    from mmfisher.core import shrink
+    from mmfisher.core import copy_model, shrink
     from mmfisher.core.cost import CostModel
     from mmfisher.core.latency import LatencyModel, time_ms
     from mmfisher.core.uniform import uniform_keep
@@ -121,7 +120,7 @@ def main(argv=None):
             nets += [(f'random shares in [{low:.1f}, 1], counts on multiples of {q}',
                       on_quantum(graph, random_share_keep(graph, low, seed=k), q))
                      for k, low in enumerate((0.7, 0.5, 0.3, 0.1))]
-        compact = [(name, keep, model if keep.all() else shrink(copy.deepcopy(model), graph, keep).eval())
+        compact = [(name, keep, model if keep.all() else shrink(copy_model(model), graph, keep).eval())
                    for name, keep in nets]
         times = {name: [] for name, _ in nets}
         for _ in range(args.rounds):

@@ -40,13 +40,12 @@ def worker(args):
     if args.worker == 'held':
         from mmfisher.core.latency import hold_freed_memory
         assert hold_freed_memory(), 'not glibc: nothing to compare'
-    import copy
 
     import torch
     from mmengine.config import Config
     from mmengine.registry import DefaultScope
 
-    from mmfisher.core import shrink
+    from mmfisher.core import copy_model, shrink
     from mmfisher.core.uniform import uniform_keep
     from mmfisher.openmmlab import analyse_model, build_from_config, register_all_modules
     from mmfisher.openmmlab.benchmarking import tensor_run
@@ -57,7 +56,7 @@ def worker(args):
     with DefaultScope.overwrite_default_scope(cfg.get('default_scope', 'mmdet')):
         model = build_from_config(cfg).eval()
         graph = analyse_model(model, (1, 3, h, w))
-        nets = [model if wd >= 1 else shrink(copy.deepcopy(model), graph, uniform_keep(graph, wd)).eval()
+        nets = [model if wd >= 1 else shrink(copy_model(model), graph, uniform_keep(graph, wd)).eval()
                 for wd in args.widths]
     x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
     runs = [tensor_run(m, x) for m in nets]

@@ -503,7 +503,7 @@ class LatencyModel:
         ``forward_of(m)``: a callable running the network ``m`` (the same architecture, possibly shrunk)
         on the analysis input, e.g. ``lambda m: example_forward(m, (1, 3, 320, 320))``.
         """
-        from .shrink import shrink
+        from .shrink import copy_model, shrink
         from .uniform import uniform_keep
         if device is None:
             p = next(model.parameters(), None)
@@ -546,7 +546,7 @@ class LatencyModel:
             nets = []
             for w in widths:
                 keep = full if w >= 1.0 else uniform_keep(graph, w)
-                nets.append((float(w), keep, model if w >= 1.0 else shrink(copy.deepcopy(model), graph, keep).eval()))
+                nets.append((float(w), keep, model if w >= 1.0 else shrink(copy_model(model), graph, keep).eval()))
             rounds_ms: List[List[float]] = [[] for _ in nets]
             for r in range(max(1, int(rounds))):
                 for k, (_, _, net) in enumerate(nets):

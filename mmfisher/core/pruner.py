@@ -25,7 +25,6 @@ may stop part-way (the target is what was asked for).
 """
 from __future__ import annotations
 
-import copy
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -37,7 +36,7 @@ from .groups import CouplingGraph
 from .importance import FisherImportance
 from .criteria import build_criterion
 from .masks import ConsumerInputs
-from .shrink import round_keep, shrink
+from .shrink import copy_model, round_keep, shrink
 from .spec import make_spec
 
 NORMALIZATIONS = ('memory', 'flops', 'latency', 'none')
@@ -384,7 +383,7 @@ class GroupFisherPruner:
         attached = bool(self.consumers._handles)
         self.detach()
         try:
-            compact = copy.deepcopy(self.model)
+            compact = copy_model(self.model)
         finally:
             if attached:
                 self.attach()

@@ -9,6 +9,9 @@ like any model of those sizes.
 """
 from __future__ import annotations
 
+import copy
+import functools
+import weakref
 from typing import Any, Iterable, Optional
 
 import torch
@@ -17,6 +20,30 @@ import torch.nn as nn
 from .groups import CouplingGraph
 from .mirrors import refresh_averaged
 from .spec import spec_to_keep
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)``, with every module's own ``forward`` pointing at the copy.
+
+    ``copy.deepcopy`` keeps weak references as they are. A module whose instance ``forward`` is a
+    ``functools.partial`` over a weak reference to the module itself (fairscale's
+    ``checkpoint_wrapper``, which mmdet's DETR, Deformable DETR and Grounding DINO encoders use with
+    ``num_cp``) would then run the *original* module's layers from inside the copy: a shrunk copy
+    computes the full-width layers. Every such weak reference to a module of ``model`` is pointed at
+    that module's copy."""
+    twin = copy.deepcopy(model)
+    pairs = {id(a): b for a, b in zip(model.modules(), twin.modules())}
+
+    def retarget(v):
+        if isinstance(v, weakref.ReferenceType) and id(v()) in pairs:
+            return weakref.ref(pairs[id(v())])
+        return v
+    for m in twin.modules():
+        f = m.__dict__.get('forward')
+        if isinstance(f, functools.partial):
+            m.forward = functools.partial(f.func, *map(retarget, f.args),
+                                          **{k: retarget(v) for k, v in f.keywords.items()})
+    return twin
 
 
 def round_keep(graph: CouplingGraph, keep: torch.Tensor, divisor: int,
