@@ -499,6 +499,31 @@ def test_mmdet_dyrelu_is_registered():
     assert max_rel_err(ref, out) < 1e-5 and compact[1].channels == compact[0].out_channels < 16
 
 
+def test_mmdet_dropblock_carries_its_input_channels():
+    # GLIP's FPN_DropBlock runs DropBlock on every level in training: its mask, made with the input's
+    # shape, is a fixed-size tensor to the op-by-op trace and would leave the FPN's laterals unprunable
+    import mmfisher.openmmlab  # noqa: F401
+    from mmdet.models.layers.dropblock import DropBlock
+    from helpers import masked_and_shrunk, max_rel_err, random_keep
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), DropBlock(0.3, 3, warmup_iters=0), nn.Conv2d(16, 2, 1))
+    x = torch.randn(2, 3, 8, 8)
+
+    def training_forward():     # the mask is drawn in training only, as in a detector's loss
+        net.train()
+        try:
+            return net(x)
+        finally:
+            net.eval()
+    graph = analyse(net, x, also=[training_forward], strict=True)
+    assert graph.group('0').prunable, graph.group('0').reasons
+    keep = random_keep(graph, 0.5)
+    ref, out, compact = masked_and_shrunk(net, graph, keep, lambda m: m(x))
+    assert max_rel_err(ref, out) < 1e-5 and compact[0].out_channels < 16
+    compact.train()
+    assert compact(x).shape == (2, 2, 8, 8)      # in training it draws its mask over the kept channels
+
+
 class TwoModes(nn.Module):
     """A branch only training runs (an auxiliary head, PointRend's point head)."""
 

@@ -105,3 +105,22 @@ def test_weight_standardised_convs_are_calibrated_to_their_weights_as_loading_do
     assert _zoo_check()._calibrate_weight_standardisation(net)
     torch.testing.assert_close(net(x), plain, rtol=1e-5, atol=1e-5)
     assert not _zoo_check()._calibrate_weight_standardisation(torch.nn.Conv2d(3, 3, 1))
+
+
+def test_grounding_dino_passes_with_a_generated_bert_and_its_checkpointed_encoder(tmp_path):
+    """Grounding DINO (R50): its BERT is generated (random weights, nothing downloaded), its batches carry a
+    text prompt, its tensor forward is what predict runs up to the head; its encoder layers are wrapped by
+    fairscale's activation checkpointing (``num_cp=6``), whose weak self-reference a plain deepcopy would
+    leave pointing at the original layers. transformers and fairscale come from .language_env
+    (tools/setup_env.sh), on the check's path only."""
+    from helpers import config_path
+    assert osp.isdir(osp.join(ROOT, '.language_env', 'transformers')), 'run tools/setup_env.sh (step 5)'
+    config = config_path('mmdet', 'grounding_dino/grounding_dino_r50_scratch_8xb2_1x_coco.py')
+    res = subprocess.run([sys.executable, 'tools/analysis_tools/zoo_check.py', '--configs', config, '--shape', '128',
+                          '--json', str(tmp_path / 'matrix.json')],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    row, = json.load(open(tmp_path / 'matrix.json'))
+    assert row['status'] == 'pass', row
+    assert 'BERT generated' in row['note']
+    assert all(row['parts'][p][1] > 0 for p in ('backbone', 'neck', 'head')), row['parts']

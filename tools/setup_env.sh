@@ -12,6 +12,10 @@
 #      (MMFISHER_WHEELHOUSE, default ../shared/wheelhouse), else built from source
 #      (about 25 minutes on 2 cores) with --no-build-isolation so it sees torch.
 #   4. mmfisher itself (editable) with mmengine, mmdet, mmpretrain and test extras.
+#   5. transformers and fairscale into .language_env/ (pip --target, not this environment): the
+#      support matrix's GLIP and Grounding DINO rows put it on the path of their checks only.
+#      With transformers importable, `import mmpretrain.models` imports torchvision, whose PyPI
+#      wheel does not load beside this CPU torch.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 py="${PYTHON:-python}"
@@ -44,4 +48,13 @@ fi
 
 echo "[setup] installing mmfisher with mmengine, mmdet, mmpretrain"
 pipi --no-build-isolation "${find_links[@]}" -e "$here[tests]"
+lang="$here/.language_env"
+if [ ! -f "$lang/.complete" ]; then
+    echo "[setup] installing transformers and fairscale into $lang (GLIP / Grounding DINO checks only)"
+    rm -rf "$lang"
+    pipi -q --no-deps --target "$lang" transformers==4.38.2 tokenizers==0.15.2 safetensors==0.4.2 \
+        huggingface_hub==0.20.3 regex==2026.12.2 fairscale==0.4.13
+    touch "$lang/.complete"
+fi
+
 "$py" -c "import torch, mmcv, mmengine, mmdet, mmpretrain, mmfisher; print('[setup] ok: torch', torch.__version__, 'mmcv', mmcv.__version__, 'mmengine', mmengine.__version__, 'mmdet', mmdet.__version__, 'mmpretrain', mmpretrain.__version__)"

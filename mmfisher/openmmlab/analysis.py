@@ -104,8 +104,42 @@ def tensor_forward(model: nn.Module, x: torch.Tensor, samples: Optional[list]) -
         # frames of one video (``x``: ``[T, C, H, W]``), as its predict runs them
         return net.track_head(net.backbone(x), samples)
     if samples is not None:
+        if grounded(net):
+            return grounded_forward(net, x, samples)
         return net._forward(x, samples)
     return model(x, mode='tensor')
+
+
+def grounded(net: nn.Module) -> bool:
+    """Whether ``net`` is an open-vocabulary detector that reads a text prompt through a language model
+    (GLIP, Grounding DINO): its data samples carry ``text`` (see
+    :func:`~mmfisher.openmmlab.synthetic.random_batch`)."""
+    try:
+        from mmdet.models.detectors import GLIP, GroundingDINO
+    except ImportError:  # pragma: no cover  (mmdet < 3.1)
+        return False
+    return isinstance(net, (GLIP, GroundingDINO))
+
+
+def grounded_forward(net: nn.Module, x: torch.Tensor, samples: list) -> Any:
+    """The tensor forward of GLIP and Grounding DINO, which have none of their own (their ``_forward``
+    takes no text): what their ``predict`` runs up to the head's outputs, on the first sample's prompt
+    (a tuple of class names), with no post-processing.
+
+    Returns GLIP's head outputs ``(cls_logits, bbox_preds, centerness)`` per level, or Grounding DINO's
+    ``(all_layers_cls_scores, all_layers_bbox_preds)``."""
+    from mmdet.models.detectors import GLIP
+    positive_map, caption, _, _ = net.get_tokens_positive_and_prompts(samples[0].text, True)
+    captions = [caption] * len(x)
+    feats = net.extract_feat(x)
+    text = net.language_model(captions)
+    if isinstance(net, GLIP):
+        return net.bbox_head(feats, text)
+    if net.text_feat_map is not None:
+        text['embedded'] = net.text_feat_map(text['embedded'])
+    for s in samples:
+        s.token_positive_map = positive_map
+    return net.bbox_head(**net.forward_transformer(feats, text, samples))
 
 
 def example_forward(model: nn.Module, shape: Sequence[int] = (1, 3, 320, 320)) -> Callable[[], Any]:

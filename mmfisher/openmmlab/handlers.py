@@ -201,6 +201,24 @@ class DeformConvType(Conv):
         tracer.set_label(out, Label(1, aout))
 
 
+class ElementwiseNoiseType(LayerType):
+    """A module that multiplies every element of its input by its own random mask, drawn independently
+    per element (mmdet's ``DropBlock``, which GLIP's ``FPN_DropBlock`` neck runs on every level in
+    training; identity in eval). Its mask is made with the input's shape (``torch.full`` then
+    ``bernoulli``), which the op-by-op trace sees as a fixed-size tensor multiplying the channels: it
+    would leave them unprunable. Like dropout, it treats every channel alike, so its output carries its
+    input's channels. In training, the compact model's rescaling (``numel / sum`` of the mask) is taken
+    over the kept channels only: the same factor in expectation, drawn from fewer elements."""
+
+    kind = 'noise'
+    records = False
+
+    def trace(self, tracer, rec, args, out):
+        lab = tracer.label(args[0])
+        if lab is not None and isinstance(out, torch.Tensor) and out.shape == args[0].shape:
+            tracer.set_label(out, lab)
+
+
 def register_openmmlab_handlers() -> None:
     try:
         from mmcv.cnn.bricks import wrappers
@@ -232,6 +250,8 @@ def register_openmmlab_handlers() -> None:
     except ImportError:  # mmdet not installed: nothing to register
         return
     register_layer_type(BaseRoIExtractor, RoIExtractorType())
+    from mmdet.models.layers.dropblock import DropBlock
+    register_layer_type(DropBlock, ElementwiseNoiseType())
     from mmdet.models.layers.se_layer import DyReLU
     # DyHead's task attention: split(coeffs, self.channels) into a1, b1, a2, b2, each per channel of x
     register_split_size(DyReLU, 'channels')

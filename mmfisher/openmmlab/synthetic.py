@@ -12,6 +12,10 @@ import torch
 import torch.nn as nn
 
 
+# the text prompt of a generated batch for a detector that reads one (GLIP, Grounding DINO)
+PROMPT_NAMES = ('circle', 'square', 'triangle', 'star', 'ring')
+
+
 def _num_classes(model: nn.Module, default: int = 80) -> int:
     for name in ('bbox_head', 'head', 'roi_head', 'track_head'):
         head = getattr(model, name, None)
@@ -81,6 +85,12 @@ def random_batch(model: nn.Module, batch: int = 2, shape: Sequence[int] = (320, 
                 wh = (torch.rand(n, 2, generator=g) * 0.5 + 0.1) * torch.tensor([w, h])
                 rand = torch.cat([xy, torch.minimum(xy + wh, torch.tensor([w - 1.0, h - 1.0]))], 1)
                 s.proposals = InstanceData(bboxes=torch.cat([boxes, rand]), scores=torch.rand(n + k, generator=g))
+            if hasattr(model, 'language_model'):
+                # an open-vocabulary detector (GLIP, Grounding DINO): the prompt names the classes, the
+                # labels index it, as mmdet's loaders pack a detection dataset for them
+                s.text = PROMPT_NAMES
+                s.custom_entities = True
+                s.gt_instances.labels = s.gt_instances.labels % len(PROMPT_NAMES)
             samples.append(s)
         inputs, samples = _training_targets(model, inputs, samples)
     else:
@@ -254,3 +264,29 @@ def randomise_norms(model: nn.Module, seed: int = 0) -> None:
                 if getattr(m, 'running_mean', None) is not None:
                     m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) * 0.4 - 0.2)
                     m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+
+
+def generated_language_model(folder: str, seed: int = 0) -> str:
+    """A BERT-base with random weights and a small generated vocabulary, saved to ``folder`` as
+    HuggingFace's ``from_pretrained`` reads it: what GLIP's and Grounding DINO's ``BertModel`` load by
+    name (``bert-base-uncased``), without downloading anything. Needs ``transformers``.
+
+    The vocabulary holds BERT's special tokens, punctuation, letters and digits (whole and ``##``
+    continuations, so WordPiece spells any lower-case word) and :data:`PROMPT_NAMES`; the network is
+    bert-base's (12 layers, 768 wide) with that vocabulary's size. Returns ``folder``."""
+    import os
+    import string
+
+    from transformers import BertConfig, BertModel, BertTokenizer
+    os.makedirs(folder, exist_ok=True)
+    chars = string.ascii_lowercase + string.digits
+    vocab = (['[PAD]', '[UNK]', '[CLS]', '[SEP]', '[MASK]'] + list(chars) + list('.,?!;:\'"-()/&')
+             + ['##' + c for c in chars] + sorted(set(PROMPT_NAMES)))
+    path = os.path.join(folder, 'vocab.txt')
+    with open(path, 'w') as f:
+        f.write('\n'.join(vocab) + '\n')
+    BertTokenizer(path, do_lower_case=True).save_pretrained(folder)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        BertModel(BertConfig(vocab_size=len(vocab))).save_pretrained(folder)
+    return folder

@@ -38,6 +38,7 @@ import time
 import traceback
 
 ROOT = osp.abspath(osp.join(osp.dirname(__file__), '..', '..'))
+LANGUAGE_ENV = osp.join(ROOT, '.language_env')
 sys.path.insert(0, ROOT)
 
 
@@ -50,6 +51,10 @@ def parse_args(argv=None):
     p.add_argument('--timeout', type=float, default=300, help='seconds per config')
     p.add_argument('--shape', type=int, default=256, help='input size for detectors (classifiers: 224)')
     p.add_argument('--fraction', type=float, default=0.7, help='share of every prunable group kept')
+    p.add_argument('--language-env', metavar='DIR', default=LANGUAGE_ENV if osp.isdir(LANGUAGE_ENV) else None,
+                   help='a folder holding transformers and fairscale, put on the path of the checks of models '
+                        'with a language model only (GLIP, Grounding DINO); default: .language_env, which '
+                        'tools/setup_env.sh installs')
     p.add_argument('--md', help='write the matrix as markdown here')
     p.add_argument('--json', help='write the results as JSON here (rewritten after every family)')
     p.add_argument('--resume', action='store_true',
@@ -97,6 +102,7 @@ class NoModel(Harness):
 
 
 _STEP_FILE = None     # the worker notes each step here, so a crash of the process is put on the right side
+_TMP = None           # the worker's scratch folder (a generated language model)
 
 
 def _step(name, fn, harness=False):
@@ -280,6 +286,17 @@ def _paste_masks_outside_the_image(paste, row):
     return mended
 
 
+def language_models(cfg):
+    """``(dict, key)`` of every entry of ``cfg.model`` that names the HuggingFace language model a
+    ``BertModel`` loads (its ``name``, and the same name wherever else the model repeats it: GLIP's
+    head reads the BERT config by it)."""
+    from mmfisher.openmmlab.analysis import config_dicts
+    if 'model' not in cfg:
+        return []
+    names = {d.get('name', 'bert-base-uncased') for d in config_dicts(cfg.model) if d.get('type') == 'BertModel'}
+    return [(d, k) for d in config_dicts(cfg.model) for k, v in d.items() if isinstance(v, str) and v in names]
+
+
 def check(config, shape, fraction):
     """Everything about one config, as plain data."""
     import copy
@@ -287,7 +304,7 @@ def check(config, shape, fraction):
     import torch
     from mmengine.config import Config
 
-    from mmfisher.core import ConsumerInputs, make_spec, shrink
+    from mmfisher.core import ConsumerInputs, copy_model, make_spec, shrink
     from mmfisher.core.uniform import random_keep
     from mmfisher.openmmlab import analyse_model, build_from_config
     from mmfisher.openmmlab.decisions import SameDecisions
@@ -314,6 +331,19 @@ def check(config, shape, fraction):
         d['use_torchvision'] = False     # torchvision does not load beside this CPU torch: mmcv's same op
     if torchvision_ops:
         _note(row, "torchvision's RoI op checked as mmcv's")
+    language = language_models(cfg)
+    if language:
+        # GLIP / Grounding DINO load BERT by name from HuggingFace: a generated one, random weights,
+        # nothing downloaded (this process's temporary folder, deleted with it)
+        from mmfisher.openmmlab.synthetic import generated_language_model
+        global _TMP
+        _TMP = _TMP or tempfile.TemporaryDirectory()
+        folder = _step('generated language model', lambda: generated_language_model(
+            osp.join(_TMP.name, 'bert')), harness=True)
+        for d, key in language:
+            d[key] = folder
+        with open(osp.join(folder, 'vocab.txt')) as f:
+            _note(row, f'its BERT generated (bert-base, random weights, a {len(f.read().split())}-token vocabulary)')
     model = _step('build', lambda: build_from_config(cfg), harness=True)
     try:
         from mmdet.models.reid import BaseReID
@@ -392,7 +422,7 @@ def check(config, shape, fraction):
             initialised = True
         x, samples, batch = inputs_at(hw)
         try:
-            train_and_predict(copy.deepcopy(model), 'original model', harness=True)
+            train_and_predict(copy_model(model), 'original model', harness=True)
             break
         except Harness as e:
             if i + 1 == len(attempts):
@@ -402,7 +432,7 @@ def check(config, shape, fraction):
     if i:
         _note(row, ('after its own init_weights, ' if init else '') + f'at {hw[0]}x{hw[1]}: as built at '
                    f'{attempts[0][0][0]}x{attempts[0][0][1]}, the original model failed ({str(first_error)[:120]})')
-    pristine = copy.deepcopy(model)
+    pristine = copy_model(model)
 
     def plain_forward():        # the control: the untraced network in tensor mode on the analysis input
         with torch.no_grad():
@@ -421,7 +451,7 @@ def check(config, shape, fraction):
         return row
     keep = random_keep(graph, fraction, seed=1)
     spec = json.loads(json.dumps(make_spec(graph, keep)))
-    compact = _step('shrink from the JSON spec', lambda: shrink(copy.deepcopy(pristine), graph, spec))
+    compact = _step('shrink from the JSON spec', lambda: shrink(copy_model(pristine), graph, spec))
 
     def compare(dtype=torch.float32):
         model.to(dtype)
@@ -469,8 +499,9 @@ def check(config, shape, fraction):
 
 
 def worker(config, out, shape, fraction):
-    global _STEP_FILE
+    global _STEP_FILE, _TMP
     _STEP_FILE = out + '.step'
+    _TMP = tempfile.TemporaryDirectory(dir=osp.dirname(out))
     from mmfisher.openmmlab import register_all_modules
     register_all_modules()
     t0 = time.perf_counter()
@@ -503,7 +534,10 @@ def run_one(package, family, config, args):
         out = osp.join(tmp, 'row.json')
         cmd = [sys.executable, osp.abspath(__file__), '--worker', osp.abspath(config), '--worker-out', out,
                '--shape', str(args.shape), '--fraction', str(args.fraction)]
-        env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
+        path = [ROOT]
+        if args.language_env and needs_language_env(config):
+            path.append(osp.abspath(args.language_env))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(path + [os.environ.get('PYTHONPATH', '')]))
         t0 = time.perf_counter()
         try:
             # from the package's own tree: configs name others relative to it (LD's teacher config)
@@ -527,6 +561,17 @@ def run_one(package, family, config, args):
                             f'({res.stderr.strip().splitlines()[-1:]})'}
     row.update(package=package, family=family, config=config)
     return row
+
+
+def needs_language_env(config):
+    """Whether ``config``'s model has a language model (GLIP, Grounding DINO). Only those checks get
+    ``--language-env`` on their path: transformers, once importable, makes mmpretrain import torchvision,
+    whose PyPI wheel does not load beside the CPU torch."""
+    from mmengine.config import Config
+    try:
+        return bool(language_models(Config.fromfile(config)))
+    except Exception:  # noqa: BLE001  (the worker reports a config that does not load)
+        return False
 
 
 def source_commit():
