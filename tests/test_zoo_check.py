@@ -3,7 +3,8 @@ and an mmpretrain MobileNetV2 pass; MoCo v2 (two views from its own pipeline; it
 encoder loses its source's channels) passes; T2T-ViT, whose random-init network amplifies float32
 rounding past 1e-4, passes on its float64 re-check; mmdet's ReID classifier (256x128 person crops)
 passes; Sparse R-CNN, whose random initial proposals are boxes of negative size until its own
-init_weights makes them whole-image boxes, passes after that retry, which its row says; a config the
+init_weights makes them whole-image boxes, passes after that retry, which its row says; DeepSORT, which
+has no train step of its own, is checked as its detector, which its row says; a config the
 harness cannot build is a harness row, not a failure."""
 import json
 import os
@@ -23,7 +24,9 @@ def test_zoo_check_on_a_fixed_subset(tmp_path):
                config_path('mmpretrain', 'mocov2/mocov2_resnet50_8xb32-coslr-200e_in1k.py'),
                config_path('mmpretrain', 't2t_vit/t2t-vit-t-14_8xb64_in1k.py'),
                config_path('mmdet', 'reid/reid_r50_8xb32-6e_mot17train80_test-mot17val20.py'),
-               config_path('mmdet', 'sparse_rcnn/sparse-rcnn_r50_fpn_1x_coco.py'), str(broken)]
+               config_path('mmdet', 'sparse_rcnn/sparse-rcnn_r50_fpn_1x_coco.py'),
+               config_path('mmdet', 'deepsort/deepsort_faster-rcnn_r50_fpn_8xb2-4e_mot17train_test-mot17test.py'),
+               str(broken)]
     env = dict(os.environ, PYTHONPATH=ROOT)
     res = subprocess.run([sys.executable, 'tools/analysis_tools/zoo_check.py', '--configs', *configs, '--shape', '128',
                           '--md', str(tmp_path / 'matrix.md'), '--json', str(tmp_path / 'matrix.json')],
@@ -44,6 +47,8 @@ def test_zoo_check_on_a_fixed_subset(tmp_path):
     sparse = rows['sparse-rcnn_r50_fpn_1x_coco.py']
     assert sparse['status'] == 'pass' and sparse['max_rel_err'] <= 1e-4, sparse
     assert sparse['note'].startswith('after its own init_weights, at 128x128: as built at 128x128'), sparse['note']
+    deepsort = rows['deepsort_faster-rcnn_r50_fpn_8xb2-4e_mot17train_test-mot17test.py']   # no train step of its own
+    assert deepsort['status'] == 'pass' and deepsort['note'].startswith('its detector checked (a FasterRCNN)'), deepsort
     assert rows['broken.py']['status'] == 'harness' and 'NoSuchDetector' in rows['broken.py']['error']
     md = (tmp_path / 'matrix.md').read_text()
     assert '| mmdet | tood | `tood/tood_r50_fpn_1x_coco.py` | pass |' in md
@@ -53,7 +58,7 @@ def test_zoo_check_on_a_fixed_subset(tmp_path):
                             '--json', str(tmp_path / 'matrix.json'), '--resume'],
                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert '7 families kept' in again.stdout and '[zoo] ' not in again.stdout.replace('[zoo] 7 families kept', '')
+    assert '8 families kept' in again.stdout and '[zoo] ' not in again.stdout.replace('[zoo] 8 families kept', '')
     assert json.load(open(tmp_path / 'matrix.json')) == list(rows_in_order)
 
 

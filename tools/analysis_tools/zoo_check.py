@@ -297,6 +297,16 @@ def language_models(cfg):
     return [(d, k) for d in config_dicts(cfg.model) for k, v in d.items() if isinstance(v, str) and v in names]
 
 
+def trained_apart(model):
+    """A tracker with no train step of its own, whose detector and ReID network mmdet trains with their own
+    configs (DeepSORT)."""
+    try:
+        from mmdet.models.mot import DeepSORT
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(model, DeepSORT)
+
+
 def check(config, shape, fraction):
     """Everything about one config, as plain data."""
     import copy
@@ -345,6 +355,19 @@ def check(config, shape, fraction):
         with open(osp.join(folder, 'vocab.txt')) as f:
             _note(row, f'its BERT generated (bert-base, random weights, a {len(f.read().split())}-token vocabulary)')
     model = _step('build', lambda: build_from_config(cfg), harness=True)
+    if trained_apart(model):
+        # DeepSORT has no train step: mmdet trains its detector and its ReID network with configs of their
+        # own (the reid family's row checks a ReID). Its detector is checked, as that config trains it
+        # (the SORT and StrongSORT rows are their folders' detector configs)
+        det = copy.deepcopy(cfg.model.detector)
+        tdp = cfg.model.get('data_preprocessor', {})
+        det.data_preprocessor = dict(type='DetDataPreprocessor', **{k: v for k, v in tdp.items() if k != 'type'})
+        cfg.model = det
+        tracker_name = type(model).__name__
+        torch.manual_seed(0)
+        model = _step('build (its detector)', lambda: build_from_config(cfg), harness=True)
+        _note(row, f'its detector checked (a {type(model).__name__}): {tracker_name} has no train step, mmdet '
+                   'trains its detector and ReID apart')
     try:
         from mmdet.models.reid import BaseReID
         if isinstance(model, BaseReID):
