@@ -650,7 +650,10 @@ def markdown(rows, args):
         'model\'s (the compact run replays the masked run\'s top-k, sort, NMS and threshold choices, and the RoI heads '
         'of two-stage detectors get the masked run\'s proposals); one train step '
         'and one predict on it. '
-        'Prunable layers: conv/linear layers in a prunable group, per part.',
+        'Prunable layers: conv/linear layers in a prunable group, per part.' +
+        (' Models with a language model (GLIP, Grounding DINO) are checked with transformers and fairscale from '
+         '`.language_env` (`tools/setup_env.sh`) on their path only, and a generated BERT.'
+         if any('BERT generated' in r.get('note', '') for r in rows) else ''),
         '',
         '| package | family | config | status | groups (prunable) | prunable layers: backbone / neck / head | '
         'max rel. error | not prunable, first reasons | s |',
