@@ -2,6 +2,8 @@
 (``mmengine.testing.RunnerTestCase``): a small conv net with a residual add, on random images."""
 import copy
 import io
+import os
+import os.path as osp
 
 import numpy as np
 import torch
@@ -155,6 +157,24 @@ class TestFisherPruningHook(RunnerTestCase):
         shrink(compact, hook.pruner.graph, ckpt['meta']['channel_spec'])
         compact.load_state_dict(ckpt['state_dict'], strict=True)
         self.assertLessEqual(ckpt['meta']['mmfisher']['ratios']['flops'], 0.6)
+
+    def test_a_latency_run_records_the_compact_and_the_unpruned_model_timed_side_by_side(self):
+        cfg = copy.deepcopy(self.iter_based_cfg)
+        cfg.custom_hooks = [dict(type='SafeCheckpointHook'),
+                            dict(HOOK, normalization='latency', latency_quantum=1)]    # to 60% of the FLOPs
+        os.environ['MMFISHER_CACHE_DIR'] = osp.join(self.temp_dir.name, 'cache')
+        try:
+            runner = self.build_runner(cfg)
+            runner.train()
+        finally:
+            os.environ.pop('MMFISHER_CACHE_DIR')
+        hook = next(h for h in runner.hooks if type(h).__name__ == 'FisherPruningHook')
+        lat = torch.load(hook.saved['0.6000'], weights_only=True)['meta']['mmfisher']['latency']
+        self.assertLess(lat['predicted_ratio'], 1.0)
+        self.assertAlmostEqual(lat['predicted_ratio'], lat['predicted_ms'] / lat['original_predicted_ms'])
+        self.assertGreater(lat['original_measured_ms'], 0)
+        self.assertAlmostEqual(lat['measured_ratio'], lat['measured_ms'] / lat['original_measured_ms'])
+        self.assertFalse(any(m._forward_pre_hooks or m._forward_hooks for m in runner.model.modules()))
 
     def test_with_an_ema_hook_the_compact_model_holds_the_averaged_weights(self):
         """mmengine's EMAHook keeps its average outside the model, and its checkpoints hold the average as

@@ -62,6 +62,19 @@ def test_fit_recovers_the_coefficients_that_generated_the_times():
     assert min(alpha, a, b) >= 0
 
 
+def test_the_fit_solves_least_squares_as_lapack_does_with_the_same_bits_every_time():
+    from mmfisher.core.latency import _least_squares
+    g = torch.Generator().manual_seed(0)
+    for rows, cols in [(5, 3), (5, 2), (8, 3), (3, 3), (4, 1)]:
+        A = torch.rand(rows, cols, dtype=torch.float64, generator=g) + 0.1
+        b = torch.rand(rows, dtype=torch.float64, generator=g)
+        ref = torch.linalg.lstsq(A, b[:, None]).solution.flatten()
+        x = _least_squares(A.tolist(), b.tolist())
+        assert torch.allclose(torch.tensor(x, dtype=torch.float64), ref, rtol=1e-9, atol=1e-12)
+        assert all(_least_squares(A.tolist(), b.tolist()) == x for _ in range(200))
+    assert all(v != v for v in _least_squares([[1.0, 2.0], [2.0, 4.0], [3.0, 6.0]], [1.0, 2.0, 3.0]))  # rank 1
+
+
 @pytest.fixture(scope='module')
 def measured(tmp_path_factory):
     torch.manual_seed(0)
@@ -92,6 +105,26 @@ def test_a_second_measurement_comes_from_the_cache(measured):
                                 repeats=3, quantum=1)
     assert again.measured == 0
     assert all(torch.equal(a.times, b.times) for a, b in zip(lat.tables, lat2.tables))
+    # the whole network's timings too: the same fit, so the same predictions and prunings
+    assert lat2.measured['ms'] == lat.measured['ms']
+    assert (lat2.alpha, lat2.fixed, lat2.per_memory) == (lat.alpha, lat.fixed, lat.per_memory)
+
+
+def test_another_input_or_architecture_times_the_network_again(measured, tmp_path):
+    from mmfisher.core.latency import network_signature
+    model, graph, lat, cache = measured
+    sig = network_signature(graph, CostModel(model, graph))
+    assert network_signature(graph, CostModel(model, graph)) == sig
+    bigger = analyse(model, torch.randn(1, 3, 24, 24))
+    assert network_signature(bigger, CostModel(model, bigger)) != sig
+    torch.manual_seed(1)
+    other = ResNetish()
+    other.head = torch.nn.Conv2d(8, 3, 3, padding=1)
+    g2 = analyse(other, torch.randn(1, 3, 16, 16))
+    assert network_signature(g2, CostModel(other, g2)) != sig
+    retrained = ResNetish()          # other weights, the same architecture: the same timings
+    g3 = analyse(retrained, torch.randn(1, 3, 16, 16))
+    assert network_signature(g3, CostModel(retrained, g3)) == sig
 
 
 def test_saving_is_the_drop_of_the_total_when_one_channel_goes(measured):

@@ -34,8 +34,10 @@ there (with ``q = 1``: exactly the drop of the total when ``c`` alone goes), plu
 feature-map elements, plus the drop of every norm, activation and pooling call it is in
 (:meth:`LatencyModel.saving`). One channel off a full block saves nothing on a
 staircase; the amortised saving lets the greedy decision see the block that removing it starts.
-Timings are cached per device, torch version, thread count and layer shape
-(``~/.cache/mmfisher/latency.json``, or ``$MMFISHER_CACHE_DIR``), so a second run measures nothing.
+Timings are cached per device, torch version, thread count and layer shape, the whole network's per
+architecture and input (:func:`network_signature`) (``~/.cache/mmfisher/latency.json``, or
+``$MMFISHER_CACHE_DIR``), so a second run measures nothing and fits the same model: with the same seed
+it prunes the same channels. Delete the file to measure again.
 On CUDA, every timed run is bracketed by ``torch.cuda.synchronize()``.
 
 Everything here is deterministic given the measured tables: a run that saves
@@ -45,6 +47,7 @@ on one rank and hands the same state to every rank.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import os.path as osp
@@ -543,27 +546,69 @@ class LatencyModel:
         was_training = model.training
         model.eval()
         try:
-            nets = []
-            for w in widths:
-                keep = full if w >= 1.0 else uniform_keep(graph, w)
-                nets.append((float(w), keep, model if w >= 1.0 else shrink(copy_model(model), graph, keep).eval()))
-            rounds_ms: List[List[float]] = [[] for _ in nets]
-            for r in range(max(1, int(rounds))):
-                for k, (_, _, net) in enumerate(nets):
-                    rounds_ms[k].append(time_ms(forward_of(net), device, min_runs=repeats, min_ms=0.0,
-                                                warmup=2 if r == 0 else 1))
-            for (w, keep, _), times in zip(nets, rounds_ms):
-                ms = statistics.median(times)
-                measured['widths'].append(w)
+            # cached like the layers, all widths together: re-timed, this CPU's noise (the unpruned network
+            # at 61.1, 41.6 and 43.5 ms in three runs) gave three fits, and three prunings of one seed
+            arch = network_signature(graph, cost)
+            keys = [f'{dev}|network {arch}|width={float(w):.4f}' for w in widths]
+            keeps = [full if w >= 1.0 else uniform_keep(graph, w) for w in widths]
+            cached = all(k in cache.entries for k in keys)
+            if not cached:
+                nets = [model if w >= 1.0 else shrink(copy_model(model), graph, keep).eval()
+                        for w, keep in zip(widths, keeps)]
+                rounds_ms: List[List[float]] = [[] for _ in nets]
+                for r in range(max(1, int(rounds))):
+                    for k, net in enumerate(nets):
+                        rounds_ms[k].append(time_ms(forward_of(net), device, min_runs=repeats, min_ms=0.0,
+                                                    warmup=2 if r == 0 else 1))
+                for key, times in zip(keys, rounds_ms):
+                    cache.entries[key] = float(statistics.median(times))
+                cache.measured += len(keys)
+            for w, keep, key in zip(widths, keeps, keys):
+                ms = cache.entries[key]
+                measured['widths'].append(float(w))
                 measured['ms'].append(ms)
                 measured['layers_ms'].append(provisional.modules_ms(keep))
                 measured['memory'].append(cost.layer_totals(keep)[1])
-                log(f'latency model: the network at width {w:.2f}: {ms:.1f} ms measured (median of '
-                    f'{len(times)} rounds), {measured["layers_ms"][-1]:.1f} ms in its modules alone')
+                how = 'from the timing cache' if cached else f'measured, median of {max(1, int(rounds))} rounds'
+                log(f'latency model: the network at width {float(w):.2f}: {ms:.1f} ms ({how}), '
+                    f'{measured["layers_ms"][-1]:.1f} ms in its modules alone')
         finally:
             model.train(was_training)
         cache.save()
         return cls(cost, tables, fit(measured), dev, measured, cw_tables)
+
+
+def network_signature(graph: CouplingGraph, cost: CostModel) -> str:
+    """A digest of what a network's forward time depends on besides the device: its groups, and every
+    timed layer and norm / activation / pooling call with its module's geometry and its input shapes (so the
+    analysis input too). Weights do not enter: the same architecture retrained times the same."""
+    desc = {'groups': [[g.name, g.size, bool(g.prunable)] for g in graph.groups],
+            'layers': [[L.name, _signature(graph.records[L.name].module),
+                        [list(c.in_shape) for c in graph.records[L.name].calls]] for L in cost.layers],
+            'channelwise': [[C.name, repr(C.module), list(C.in_shape)] for C in cost.channelwise]}
+    return hashlib.sha1(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _least_squares(rows: List[List[float]], b: List[float]) -> List[float]:
+    """``argmin_x |A x - b|`` for a small full-rank ``A`` (rows), by modified Gram-Schmidt in plain Python:
+    the same bits every run. (``torch.linalg.lstsq`` is not: on this CPU, 3000 solves of one 5x3 system gave
+    4 different last bits, so two fits of the same timings differed and could prune differently.)"""
+    n = len(rows[0])
+    q = [[r[j] for r in rows] for j in range(n)]          # columns
+    R = [[0.0] * n for _ in range(n)]
+    for j in range(n):
+        for i in range(j):
+            R[i][j] = sum(a * c for a, c in zip(q[i], q[j]))
+            q[j] = [c - R[i][j] * a for a, c in zip(q[i], q[j])]
+        R[j][j] = sum(c * c for c in q[j]) ** 0.5
+        if R[j][j] == 0.0:
+            return [float('nan')] * n                      # rank deficient: no unique fit with these terms
+        q[j] = [c / R[j][j] for c in q[j]]
+    y = [sum(a * c for a, c in zip(q[j], b)) for j in range(n)]
+    x = [0.0] * n
+    for j in reversed(range(n)):
+        x[j] = (y[j] - sum(R[j][k] * x[k] for k in range(j + 1, n))) / R[j][j]
+    return x
 
 
 def fit(measured: Dict[str, List[float]]) -> Tuple[float, float, float]:
@@ -582,8 +627,8 @@ def fit(measured: Dict[str, List[float]]) -> Tuple[float, float, float]:
         if len(use) > T.numel():
             continue
         A = torch.stack([cols[n] for n in use], 1)
-        sol = torch.linalg.lstsq(A / T[:, None], torch.ones_like(T)[:, None]).solution.flatten()
-        if (sol < 0).any():
+        sol = torch.tensor(_least_squares((A / T[:, None]).tolist(), [1.0] * T.numel()), dtype=torch.float64)
+        if not bool(torch.isfinite(sol).all()) or (sol < 0).any():
             continue
         err = float(((A @ sol) / T - 1).pow(2).sum())
         if best is None or err < best[0] - 1e-12:
