@@ -122,10 +122,11 @@ def test_grounding_dino_passes_with_a_generated_bert_and_its_checkpointed_encode
     assert osp.isdir(osp.join(ROOT, '.language_env', 'transformers')), 'run tools/setup_env.sh (step 5)'
     config = config_path('mmdet', 'grounding_dino/grounding_dino_r50_scratch_8xb2_1x_coco.py')
     res = subprocess.run([sys.executable, 'tools/analysis_tools/zoo_check.py', '--configs', config, '--shape', '128',
-                          '--json', str(tmp_path / 'matrix.json')],
+                          '--json', str(tmp_path / 'matrix.json'), '--md', str(tmp_path / 'matrix.md')],
                          cwd=ROOT, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=ROOT))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     row, = json.load(open(tmp_path / 'matrix.json'))
     assert row['status'] == 'pass', row
     assert 'BERT generated' in row['note']
     assert all(row['parts'][p][1] > 0 for p in ('backbone', 'neck', 'head')), row['parts']
+    assert 'checked with transformers 4.38.2, fairscale 0.4.13 from `.language_env`' in (tmp_path / 'matrix.md').read_text()

@@ -624,6 +624,18 @@ def rel(config):
     return config
 
 
+def language_env_versions(folder=LANGUAGE_ENV):
+    """'transformers 4.38.2, fairscale 0.4.13' as installed in ``folder`` (read from its dist-info folders: the
+    packages are not importable in this process)."""
+    found = {}
+    if osp.isdir(folder):
+        for d in os.listdir(folder):
+            if d.endswith('.dist-info'):
+                name, _, version = d[:-len('.dist-info')].rpartition('-')
+                found[name.lower()] = version
+    return ', '.join(f'{p} {found[p]}' for p in ('transformers', 'fairscale') if p in found) or 'transformers and fairscale'
+
+
 def markdown(rows, args):
     import mmdet
     import mmengine
@@ -651,7 +663,7 @@ def markdown(rows, args):
         'of two-stage detectors get the masked run\'s proposals); one train step '
         'and one predict on it. '
         'Prunable layers: conv/linear layers in a prunable group, per part.' +
-        (' Models with a language model (GLIP, Grounding DINO) are checked with transformers and fairscale from '
+        (f' Models with a language model (GLIP, Grounding DINO) are checked with {language_env_versions()} from '
          '`.language_env` (`tools/setup_env.sh`) on their path only, and a generated BERT.'
          if any('BERT generated' in r.get('note', '') for r in rows) else ''),
         '',
