@@ -4,6 +4,7 @@
                                              [--configs PATH ...] [--jobs 1] [--timeout 300] [--shape 256]
                                              [--fraction 0.7] [--md docs/support_matrix.md]
                                              [--json docs/support_matrix.json] [--resume]
+                                             [--language-env .language_env]
 
 For one representative config per family (the shortest name, preferring ResNet-50 and the 1x
 schedule; the next of three if the check cannot run it), in a subprocess with a time limit: build it with random weights (nothing downloaded),
