@@ -8,7 +8,8 @@ Builds the mmdet config with random init (nothing downloaded), then alternates a
 full ``analyse`` of that forward (trace plus coupling graph) and with ``analyse_model`` (what the
 hook runs: the tensor forward and the loss on a generated batch, which traces training-only
 branches), ``--repeats`` times each, and prints the medians and their ratios. ``--profile`` prints
-the analysis's top functions by own time (cProfile).
+the analysis's top functions by own time (cProfile). The ratio is printed twice: of the medians, and
+the median of the ratios within a round (analysis against the forward run just before it).
 ``--parts`` also times, in the same turns, what the trace is made of: the forward under a
 torch-function mode that does nothing, under global module hooks that do nothing, under the wrap of
 every custom autograd Function, the trace alone (no coupling graph), and the coupling graph alone.
@@ -79,6 +80,11 @@ def main(argv=None):
           f'median of {args.repeats} interleaved runs')
     print(f'  plain forward {fwd:.3f} s, analysis {ana:.3f} s: {ana / fwd:.2f}x '
           f'({s["prunable_groups"]}/{s["groups"]} groups prunable)')
+    # each round times the forward and then the analysis, a second apart: the ratio within a round is
+    # not moved by the machine's speed drifting between rounds (a shared machine drifts by 10-20%)
+    rounds = sorted(a / f for a, f in zip(times['analyse'], times['forward']))
+    print(f'  per round (analysis / the forward just before it): median {statistics.median(rounds):.2f}x, '
+          f'range {rounds[0]:.2f}-{rounds[-1]:.2f}x')
     print(f'  analyse_model (tensor forward + loss on a generated batch of 1) {full:.3f} s: {full / fwd:.2f}x')
     for name, _ in runs[3:]:
         t = statistics.median(times[name])

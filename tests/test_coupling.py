@@ -73,6 +73,83 @@ def test_final_outputs_are_unprunable_and_reported(retinanet_graph):
     assert s['prunable_groups'] == 47 and s['groups'] == 49
 
 
+def reference_groups(tracer):
+    """A slow, obvious computation of the groups from a finished trace: a dict-based union-find over
+    every atom of every recorded union, then producers joined when they write a common class.
+    ``[(producers in first-call order, number of channels)]``, groups in order of their first producer."""
+    parent = {}
+
+    def find(a):
+        parent.setdefault(a, a)
+        while parent[a] != a:
+            a = parent[a]
+        return a
+
+    for a, b in tracer.sets._unions:
+        for x, y in zip(a.tolist(), b.tolist()):
+            if x >= 0 and y >= 0:
+                rx, ry = find(x), find(y)
+                parent[max(rx, ry)] = min(rx, ry)
+    producers = [tracer.records[i] for i in tracer.order
+                 if tracer.records[i].layer_type.produces and tracer.records[i].arrays.get('out') is not None
+                 and tracer.records[i].arrays['out'].numel()]
+    classes = [{find(a) for a in rec.arrays['out'].tolist()} for rec in producers]
+    owner = list(range(len(producers)))          # producer -> first producer of its group
+
+    def top(k):
+        while owner[k] != k:
+            k = owner[k]
+        return k
+
+    for i in range(len(producers)):
+        for j in range(i):
+            if classes[i] & classes[j]:
+                ri, rj = top(i), top(j)
+                owner[max(ri, rj)] = min(ri, rj)
+    groups = {}
+    for k, rec in enumerate(producers):
+        names, chans = groups.setdefault(top(k), ([], set()))
+        names.append(rec.name)
+        chans.update(classes[k])
+    return [(names, len(chans)) for _, (names, chans) in sorted(groups.items())]
+
+
+def test_groups_equal_a_slow_reference_computed_from_the_trace(retinanet_graph):
+    from mmfisher.core.groups import CouplingGraph
+    from mmfisher.core.trace import ChannelTracer
+    from mmfisher.openmmlab import example_forward
+    model = copy.deepcopy(retinanet_graph[0]).eval()
+    tracer = ChannelTracer(model, strict=True)
+    tracer.run(example_forward(model, (1, 3, 128, 128)))
+    graph = CouplingGraph(tracer, 0.0)
+    assert [(g.producers, g.size) for g in graph.groups] == reference_groups(tracer)
+    assert len(graph.groups) == 49
+
+
+class PartlyShared(nn.Module):
+    """``b``'s 16 channels are added to the concatenation of ``a``'s 8 and ``c``'s 8: ``b`` shares part of
+    its channels with ``a`` and part with ``c``, which share none with each other: one group of 16."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.c, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 8, 1), nn.Conv2d(3, 16, 1)
+        self.head = nn.Conv2d(16, 4, 1)
+
+    def forward(self, x):
+        return self.head(torch.cat([self.a(x), self.c(x)], 1) + self.b(x))
+
+
+def test_producers_sharing_part_of_their_channels_form_one_group():
+    from mmfisher.core.groups import CouplingGraph
+    from mmfisher.core.trace import ChannelTracer
+    model = PartlyShared().eval()
+    tracer = ChannelTracer(model, strict=True)
+    tracer.run(lambda: model(torch.randn(1, 3, 8, 8)))
+    graph = CouplingGraph(tracer, 0.0)
+    assert reference_groups(tracer)[0] == (['a', 'c', 'b'], 16)
+    assert [(g.producers, g.size) for g in graph.groups] == reference_groups(tracer)
+    assert graph.groups[0].prunable and graph.groups[0].consumers == ['head']
+
 def test_group_conv_prunes_whole_groups():
     from mmfisher.openmmlab import analyse_model, build_from_config
     model = build_from_config(config_path('mmpretrain', 'resnext/resnext50-32x4d_8xb32_in1k.py'))

@@ -32,12 +32,19 @@ class AtomSets:
         self._unions: List[Tuple[torch.Tensor, torch.Tensor]] = []
         self._taints: List[Tuple[torch.Tensor, str]] = []
         self._roots: Optional[torch.Tensor] = None
+        self._allocated: Dict[int, torch.Tensor] = {}      # id -> array alloc() returned (kept alive here)
 
     def alloc(self, n: int) -> torch.Tensor:
         """``n`` fresh atoms: ``[n]`` LongTensor."""
         start = self.size
         self.size += n
-        return torch.arange(start, start + n, dtype=torch.long)
+        atoms = torch.arange(start, start + n, dtype=torch.long)
+        self._allocated[id(atoms)] = atoms
+        return atoms
+
+    def allocated(self, atoms: torch.Tensor) -> bool:
+        """Whether ``atoms`` is an array :meth:`alloc` returned (so it holds no negative atom)."""
+        return self._allocated.get(id(atoms)) is atoms
 
     def union_arrays(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Union ``a[i]`` with ``b[i]`` for every i."""
@@ -45,7 +52,7 @@ class AtomSets:
         if a.numel() != b.numel():
             raise ValueError(f'union of {a.numel()} atoms with {b.numel()}')
         if a.numel():                 # negative atoms and self-unions are dropped when solving
-            self._unions.append((a.reshape(-1), b.reshape(-1)))
+            self._unions.append((a if a.dim() == 1 else a.reshape(-1), b if b.dim() == 1 else b.reshape(-1)))
             self._roots = None
 
     def union_rows(self, rows: torch.Tensor) -> None:
@@ -86,7 +93,7 @@ class AtomSets:
         roots = self.roots()
         out: Dict[int, List[str]] = {}
         for atoms, reason in self._taints:
-            for r in roots.index_select(0, atoms).unique().tolist():
+            for r in sorted(set(roots.index_select(0, atoms).tolist())):   # faster than unique() here
                 lst = out.setdefault(r, [])
                 if reason not in lst:
                     lst.append(reason)
@@ -105,6 +112,8 @@ def connected_roots(n: int, unions: List[Tuple[torch.Tensor, torch.Tensor]]) -> 
 
     Alternates hooking (every edge's larger root points at the smaller) with pointer jumping
     until no edge joins two classes; pointers only ever go to smaller nodes, so no cycle forms.
+    An edge whose ends share a root keeps sharing it (classes only merge), so each pass looks only
+    at the edges the previous one left joining two classes.
     """
     roots = torch.arange(n, dtype=torch.long)
     if not unions:
@@ -118,6 +127,7 @@ def connected_roots(n: int, unions: List[Tuple[torch.Tensor, torch.Tensor]]) -> 
         differ = (ru != rv).nonzero().flatten()
         if not differ.numel():
             return roots
+        u, v = u.index_select(0, differ), v.index_select(0, differ)
         ru, rv = ru.index_select(0, differ), rv.index_select(0, differ)
         roots.scatter_reduce_(0, torch.maximum(ru, rv), torch.minimum(ru, rv), 'amin')
         while True:
@@ -145,7 +155,10 @@ def flat_tensors(obj: Any, out: List[torch.Tensor], depth: int = 0) -> List[torc
         out.append(obj)
     elif depth < 4 and isinstance(obj, (list, tuple)):
         for o in obj:
-            flat_tensors(o, out, depth + 1)
+            if isinstance(o, torch.Tensor):      # the common case, without a call
+                out.append(o)
+            else:
+                flat_tensors(o, out, depth + 1)
     elif depth < 4 and isinstance(obj, dict):
         for o in obj.values():
             flat_tensors(o, out, depth + 1)

@@ -20,7 +20,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .atoms import connected_roots
 from .layers import ChannelwiseCall, ModuleRecord
 from .mirrors import find_mirrors, tie_mirrors
 from .trace import ChannelTracer
@@ -98,49 +97,67 @@ class CouplingGraph:
         lengths = [self.records[name].arrays[role].numel() for name, role in keys]
         flat = torch.cat([self.records[name].arrays[role] for name, role in keys]) if keys else \
             torch.zeros(0, dtype=torch.long)
-        flat_roots = _gather(root, flat)                      # class root of every position, -1: untracked
+        flat_roots = root.index_select(0, flat)               # class root of every position (arrays hold allocated atoms)
         roots_of: Dict[Tuple[str, str], torch.Tensor] = dict(zip(keys, flat_roots.split(lengths)))
 
         # the classes some producer writes, in order of first appearance over the producers' outputs
         producers = [name for name, rec in self.records.items()
                      if rec.layer_type.produces and 'out' in rec.arrays and rec.arrays['out'].numel()]
         outs = [roots_of[(name, 'out')] for name in producers]
-        seq = torch.cat(outs) if outs else torch.zeros(0, dtype=torch.long)
-        seq_producer = torch.cat([torch.full((o.numel(),), k) for k, o in enumerate(outs)]) if outs else seq
-        # classes written by one producer are one group
-        group_root = connected_roots(sets.size, [(o[:1].expand(o.numel() - 1), o[1:]) for o in outs if o.numel() > 1])
-        pos = torch.arange(seq.numel())
+        n_prod = len(outs)
+        seq = torch.cat(outs) if outs else torch.zeros(0, dtype=torch.long)    # [positions] class of each
+        seq_producer = torch.repeat_interleave(torch.arange(n_prod), torch.tensor([o.numel() for o in outs],
+                                                                                  dtype=torch.long))
         never = seq.numel()
-        first_pos = torch.full((sets.size,), never).scatter_reduce_(0, seq, pos, 'amin')
-        group_first = torch.full((sets.size,), never).scatter_reduce_(0, group_root.index_select(0, seq), pos, 'amin')
-        classes = seq.unique()
-        classes = classes.index_select(0, first_pos.index_select(0, classes).argsort())
-        class_group_first = group_first.index_select(0, group_root.index_select(0, classes))
-        order = class_group_first.argsort(stable=True)
+        first_pos = torch.full((sets.size,), never).scatter_reduce_(0, seq, torch.arange(never), 'amin')
+        # producers that write a common class are one group (a residual stream): union-find over producers,
+        # whose representative is the group's first producer
+        first_writer = seq_producer.index_select(0, first_pos.index_select(0, seq))   # [positions]
+        links = torch.zeros(n_prod * n_prod, dtype=torch.bool)
+        links[first_writer * n_prod + seq_producer] = True
+        rep = list(range(n_prod))
+
+        def find(k: int) -> int:
+            while rep[k] != k:
+                rep[k] = rep[rep[k]]
+                k = rep[k]
+            return k
+
+        for link in links.nonzero().flatten().tolist():
+            a, b = find(link // n_prod), find(link % n_prod)
+            if a != b:
+                rep[max(a, b)] = min(a, b)
+        group_rep = torch.tensor([find(k) for k in range(n_prod)], dtype=torch.long)
+        classes = (first_pos < never).nonzero().flatten()      # the classes in seq, ascending
+        classes = classes.index_select(0, first_pos.index_select(0, classes).argsort())   # by first write
+        class_rep = group_rep.index_select(0, seq_producer.index_select(0, first_pos.index_select(0, classes)))
+        order = class_rep.argsort(stable=True)                 # groups in order of their first producer
         classes = classes.index_select(0, order)               # [num_channels] root of every flat channel
-        class_group_first = class_group_first.index_select(0, order)
+        class_rep = class_rep.index_select(0, order)
         self.num_channels = int(classes.numel())
         chan_of_root = torch.full((sets.size,), -1, dtype=torch.long)
         chan_of_root[classes] = torch.arange(self.num_channels)
 
-        starts = [0] + (torch.nonzero(class_group_first[1:] != class_group_first[:-1]).flatten() + 1).tolist()
+        starts = [0] + (torch.nonzero(class_rep[1:] != class_rep[:-1]).flatten() + 1).tolist()
         ends = starts[1:] + [self.num_channels]
-        first_list, producer_list = class_group_first.tolist(), seq_producer.tolist()
+        rep_list = class_rep.tolist()
         for a, b in zip(starts, ends):
             if a < b:
-                self.groups.append(ChannelGroup(index=len(self.groups), name=producers[producer_list[first_list[a]]],
+                self.groups.append(ChannelGroup(index=len(self.groups), name=producers[rep_list[a]],
                                                 offset=a, size=b - a))
         group_of_chan = torch.repeat_interleave(torch.arange(len(self.groups)),
                                                 torch.tensor([g.size for g in self.groups], dtype=torch.long))
 
         reasons = sets.reasons()
-        chan_list, group_list = chan_of_root.tolist(), group_of_chan.tolist()
-        tainted = sorted((chan_list[r], r) for r in reasons if chan_list[r] >= 0)
+        tainted_roots = list(reasons)
+        tainted_chan = chan_of_root.index_select(0, torch.tensor(tainted_roots, dtype=torch.long)).tolist()
+        tainted = sorted((c, r) for c, r in zip(tainted_chan, tainted_roots) if c >= 0)
+        group_list = group_of_chan.tolist()
         for chan, r in tainted:
             grp = self.groups[group_list[chan]]
             grp.reasons.extend(x for x in reasons[r] if x not in grp.reasons)
 
-        flat_chan = _gather(chan_of_root, flat_roots)         # flat channel of every position, -1: untracked
+        flat_chan = chan_of_root.index_select(0, flat_roots)  # flat channel of every position, -1: untracked
         if tracer.channelwise:
             cw_atoms = torch.cat([c.atoms for c in tracer.channelwise])
             cw_chan = _gather(chan_of_root, _gather(root, cw_atoms))
@@ -152,9 +169,10 @@ class CouplingGraph:
         array_of = torch.repeat_interleave(torch.arange(len(keys)), torch.tensor(lengths, dtype=torch.long))
         tracked = (flat_chan >= 0).nonzero().flatten()
         n_groups = max(1, len(self.groups))
-        pairs = (array_of.index_select(0, tracked) * n_groups
-                 + group_of_chan.index_select(0, flat_chan.index_select(0, tracked))).unique()
-        for pair in pairs.tolist():
+        seen = torch.zeros(len(keys) * n_groups, dtype=torch.bool)   # a mask, not unique(): much faster here
+        seen[array_of.index_select(0, tracked) * n_groups
+             + group_of_chan.index_select(0, flat_chan.index_select(0, tracked))] = True
+        for pair in seen.nonzero().flatten().tolist():
             (name, role), grp = keys[pair // n_groups], self.groups[pair % n_groups]
             lst = {'out': grp.producers, 'in': grp.consumers}.get(role, grp.norms)
             if name not in lst:
@@ -318,12 +336,14 @@ def analyse(model: nn.Module, inputs: Union[Any, Callable[[], Any]] = None, *,
     t0 = time.perf_counter()
     tracer = ChannelTracer(model, strict=strict)
     training = {m: m.training for m in model.modules()}
-    model.eval()
+    if any(training.values()):
+        model.eval()
     try:
         tracer.run(forward, also)
     finally:
         for m, flag in training.items():
-            m.training = flag
+            if m.training != flag:
+                m.training = flag
     pairs, ambiguous = find_mirrors(model)
     pairs += [tuple(p) for p in mirrors if tuple(p) not in pairs]
     tie_mirrors(tracer, model, pairs, ambiguous)

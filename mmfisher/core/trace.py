@@ -60,8 +60,11 @@ class ChannelTracer:
         self.strict = strict        # raise an op rule's own error instead of making its channels unprunable
         self.sets = AtomSets()
         self.names: Dict[int, str] = {}
+        self.modules: Dict[int, nn.Module] = {}          # id -> module of the model, in named_modules order
         for name, m in model.named_modules(remove_duplicate=False):
-            self.names.setdefault(id(m), name or '<root>')
+            if id(m) not in self.names:
+                self.names[id(m)] = name or '<root>'
+                self.modules[id(m)] = m
         self._layer_types: Dict[int, Optional[LayerType]] = {}   # id(module) -> its layer type, looked up once
         self.records: Dict[int, ModuleRecord] = {}
         self.order: List[int] = []               # ids of records in first-call order
@@ -69,7 +72,8 @@ class ChannelTracer:
         # id(tensor) -> (weak reference, label): intermediate tensors are freed as in a plain forward;
         # a recycled id is told apart by its dead reference
         self.labels: Dict[int, Tuple['weakref.ref', Label]] = {}
-        # one frame per running module: [module, is_leaf, {id: tensor} of labelled direct tensor args not yet read]
+        # one frame per running module: [module, its layer type if it runs as a leaf (else None),
+        # {id: tensor} of labelled direct tensor args not yet read (non-leaves)]
         self.stack: List[list] = []
         self.leaf_depth = 0                      # leaves on the stack
         self.ops_seen: Dict[str, int] = {}
@@ -142,14 +146,22 @@ class ChannelTracer:
         return rec.arrays[role]
 
     def input_atoms(self, rec: ModuleRecord, role: str, x: Any, dim: int, n: int) -> torch.Tensor:
-        """Union the atoms of ``x`` at ``dim`` into ``rec.arrays[role]``; taint untraced input."""
-        atoms = self.atoms_of(rec, role, n)
+        """Union the atoms of ``x`` at ``dim`` into ``rec.arrays[role]``; taint untraced input.
+
+        On the array's first use, when ``x`` carries a whole allocated array (a layer's output, passed on
+        as is), that array *is* ``rec.arrays[role]``: the same atoms, so no union to record or solve."""
         lab = self.label(x)
-        if lab is not None and lab.dim == (dim % x.dim()) and lab.atoms.numel() == n:
+        fits = lab is not None and lab.dim == (dim % x.dim()) and lab.atoms.numel() == n
+        if fits and role not in rec.arrays and self.sets.allocated(lab.atoms):
+            rec.arrays[role] = lab.atoms
+            return lab.atoms
+        atoms = self.atoms_of(rec, role, n)
+        if fits:
             self.sets.union_arrays(atoms, lab.atoms)
-            untraced = (lab.atoms < 0).nonzero().flatten()
-            if untraced.numel():
-                self.sets.taint(atoms[untraced], f'{rec.name}: input channels not produced by a module')
+            if not self.sets.allocated(lab.atoms):     # an allocated array has no negative atom
+                untraced = (lab.atoms < 0).nonzero().flatten()
+                if untraced.numel():
+                    self.sets.taint(atoms[untraced], f'{rec.name}: input channels not produced by a module')
         else:
             if lab is not None:
                 self.taint(lab, f'{rec.name}: channels arrive on an unexpected dim')
@@ -192,11 +204,10 @@ class ChannelTracer:
         """Channel-indexed modules with parameters that no traced forward ran: nothing is known of the
         channels they read, and they are never shrunk."""
         out = []
-        for name, m in self.model.named_modules():
-            lt = layer_type_for(m)
-            if (lt is not None and lt.records and id(m) not in self.records and self.names.get(id(m)) == name
-                    and any(True for _ in m.parameters(recurse=False))):
-                out.append(name)
+        for key, m in self.modules.items():
+            lt = self.layer_type(m)
+            if lt is not None and lt.records and key not in self.records and any(True for _ in m.parameters(recurse=False)):
+                out.append(self.names[key])
         return out
 
 
@@ -210,11 +221,11 @@ class ModuleHooks:
 
     def __init__(self, tracer: ChannelTracer) -> None:
         self.tr = tracer
-        # tensors some visible op or leaf returned
-        self.produced: 'weakref.WeakValueDictionary[int, torch.Tensor]' = weakref.WeakValueDictionary()
-        # tensors made by a factory (new_empty, zeros...) that no visible op has written yet: a module
-        # returning one filled it with a compiled op
-        self.blank: 'weakref.WeakValueDictionary[int, torch.Tensor]' = weakref.WeakValueDictionary()
+        # id -> weak reference of tensors some visible op or leaf returned (a dead reference: a recycled id)
+        self.produced: Dict[int, 'weakref.ref'] = {}
+        # the same for tensors made by a factory (new_empty, zeros...) that no visible op has written yet:
+        # a module returning one filled it with a compiled op
+        self.blank: Dict[int, 'weakref.ref'] = {}
         self._handles: list = []
 
     def __enter__(self) -> 'ModuleHooks':
@@ -228,46 +239,51 @@ class ModuleHooks:
         self.tr.stack.clear()
         self.tr.leaf_depth = 0
 
-    def mark_read(self, tensors: Iterable[torch.Tensor]) -> None:
-        """Tensors a visible op or a child module reads: enclosing frames stop watching them."""
+    def mark_read(self, tensors: Any) -> None:
+        """Tensors a visible op or a child module reads (nested in lists, tuples, dicts): enclosing frames
+        stop watching them."""
+        flat = None
         for frame in self.tr.stack:
             watch = frame[2]
             if watch:
-                for t in tensors:
+                if flat is None:
+                    flat = flat_tensors(tensors, [])
+                for t in flat:
                     watch.pop(id(t), None)
 
     @unwatched
     def pre_hook(self, module: nn.Module, args: tuple) -> None:
         tr = self.tr
-        self.mark_read(flat_tensors(args, []))
-        inside = tr.inside_leaf()
-        is_leaf = not inside and tr.layer_type(module) is not None
+        self.mark_read(args)
+        if tr.leaf_depth:                               # inside a leaf: its layer type describes all of it
+            tr.stack.append([module, None, None])
+            return
+        lt = tr.layer_type(module)
         watch = None
-        if not is_leaf and not inside:
+        if lt is None:
             watch = {id(t): t for t in args if isinstance(t, torch.Tensor) and tr.label(t) is not None}
-        tr.stack.append([module, is_leaf, watch])
-        tr.leaf_depth += is_leaf
+        else:
+            tr.leaf_depth += 1
+        tr.stack.append([module, lt, watch])
 
     @unwatched
     def post_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         tr = self.tr
-        _, is_leaf, watch = tr.stack.pop()
-        tr.leaf_depth -= is_leaf
-        if not is_leaf:
-            if not tr.inside_leaf():
+        _, lt, watch = tr.stack.pop()
+        if lt is None:
+            if not tr.leaf_depth:
                 self.check_visible(module, args, output, watch)
                 self.note_channelwise(module, args)
             return
-        lt = tr.layer_type(module)
-        tr.stack.append([module, True, None])  # names in messages point at this module
-        tr.leaf_depth += 1
+        tr.stack.append([module, lt, None])  # names in messages point at this module
         try:
             lt.trace(tr, tr.record_for(module, lt), args, output)
         finally:
             tr.stack.pop()
             tr.leaf_depth -= 1
+        produced = self.produced
         for o in flat_tensors(output, []):
-            self.produced[id(o)] = o
+            produced[id(o)] = weakref.ref(o)
 
     def note_channelwise(self, module: nn.Module, args: tuple) -> None:
         """A child-less module of the model without a layer type, whose first argument has channels on dim 1:
@@ -288,7 +304,7 @@ class ModuleHooks:
         in_ids = {id(t) for t in ins}
         outs = flat_tensors(output, [])
         hidden = [o for o in outs if id(o) not in in_ids and
-                  (self.produced.get(id(o)) is not o or self.blank.get(id(o)) is o)]
+                  (not _holds(self.produced, o) or _holds(self.blank, o))]
         unread = [t for t in (watch or {}).values() if all(t is not o for o in outs)]
         if not hidden and not unread:
             return
@@ -298,19 +314,26 @@ class ModuleHooks:
             tr.taint(tr.label(t), reason)
         for o in hidden:
             tr.set_label(o, None)
-            self.produced[id(o)] = o
+            self.produced[id(o)] = weakref.ref(o)
 
     def saw_function(self, name: str, inplace: bool, tensors: List[torch.Tensor], kwargs: dict, out: Any) -> None:
         """Bookkeeping for :meth:`check_visible` after a visible torch function ran."""
+        produced = self.produced
         for o in flat_tensors(out, []):
-            self.produced[id(o)] = o
+            produced[id(o)] = weakref.ref(o)
         if name in FACTORY and isinstance(out, torch.Tensor):
-            self.blank[id(out)] = out
+            self.blank[id(out)] = weakref.ref(out)
         elif (inplace or 'out' in kwargs) and tensors:
             for t in (tensors[:1] + flat_tensors(kwargs.get('out'), [])):
                 self.blank.pop(id(t), None)
         if name not in INSPECT:
             self.mark_read(tensors)
+
+
+def _holds(refs: Dict[int, 'weakref.ref'], t: torch.Tensor) -> bool:
+    """Whether ``refs`` holds a live reference to ``t`` itself (not to a dead tensor whose id ``t`` reuses)."""
+    r = refs.get(id(t))
+    return r is not None and r() is t
 
 
 class FunctionWatch(TorchFunctionMode):
@@ -323,9 +346,10 @@ class FunctionWatch(TorchFunctionMode):
         self._names: Dict[Any, Tuple[str, str, bool]] = {}   # func -> (its name, normalised name, in place)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
+        if kwargs is None:
+            kwargs = {}
         out = func(*args, **kwargs)
-        if not self.tr.inside_leaf():
+        if not self.tr.leaf_depth:              # inside a leaf: its layer type describes all of it
             self.on_function(func, args, kwargs, out)
         return out
 
@@ -340,7 +364,9 @@ class FunctionWatch(TorchFunctionMode):
                 self._names[func] = raw, name, inplace
             except TypeError:
                 pass
-        tensors = flat_tensors(args, []) + flat_tensors(kwargs, [])
+        tensors = flat_tensors(args, [])
+        if kwargs:
+            flat_tensors(kwargs, tensors)
         self.hooks.saw_function(name, inplace, tensors, kwargs, out)
         labelled = [(t, lab) for t in tensors for lab in [tr.label(t)] if lab is not None]
         if not labelled:
