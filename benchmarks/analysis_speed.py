@@ -9,7 +9,8 @@ full ``analyse`` of that forward (trace plus coupling graph) and with ``analyse_
 hook runs: the tensor forward and the loss on a generated batch, which traces training-only
 branches), ``--repeats`` times each, and prints the medians and their ratios. ``--profile`` prints
 the analysis's top functions by own time (cProfile). The ratio is printed twice: of the medians, and
-the median of the ratios within a round (analysis against the forward run just before it).
+the median of the ratios within a round (analysis against the forward run just before it), and of the
+fastest runs (noise on a shared machine only adds time).
 ``--parts`` also times, in the same turns, what the trace is made of: the forward under a
 torch-function mode that does nothing, under global module hooks that do nothing, under the wrap of
 every custom autograd Function, the trace alone (no coupling graph), and the coupling graph alone.
@@ -85,6 +86,9 @@ def main(argv=None):
     rounds = sorted(a / f for a, f in zip(times['analyse'], times['forward']))
     print(f'  per round (analysis / the forward just before it): median {statistics.median(rounds):.2f}x, '
           f'range {rounds[0]:.2f}-{rounds[-1]:.2f}x')
+    # noise on a shared machine only adds time: the fastest run of each is the least disturbed estimate
+    print(f'  fastest runs: plain forward {min(times["forward"]):.3f} s, analysis {min(times["analyse"]):.3f} s: '
+          f'{min(times["analyse"]) / min(times["forward"]):.2f}x')
     print(f'  analyse_model (tensor forward + loss on a generated batch of 1) {full:.3f} s: {full / fwd:.2f}x')
     for name, _ in runs[3:]:
         t = statistics.median(times[name])
