@@ -97,7 +97,7 @@ class CouplingGraph:
         lengths = [self.records[name].arrays[role].numel() for name, role in keys]
         flat = torch.cat([self.records[name].arrays[role] for name, role in keys]) if keys else \
             torch.zeros(0, dtype=torch.long)
-        flat_roots = root.index_select(0, flat)               # class root of every position (arrays hold allocated atoms)
+        flat_roots = root.index_select(0, flat)               # class root of every position (arrays: allocated atoms)
         roots_of: Dict[Tuple[str, str], torch.Tensor] = dict(zip(keys, flat_roots.split(lengths)))
 
         # the classes some producer writes, in order of first appearance over the producers' outputs

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -206,7 +206,8 @@ class ChannelTracer:
         out = []
         for key, m in self.modules.items():
             lt = self.layer_type(m)
-            if lt is not None and lt.records and key not in self.records and any(True for _ in m.parameters(recurse=False)):
+            if (lt is not None and lt.records and key not in self.records
+                    and any(True for _ in m.parameters(recurse=False))):
                 out.append(self.names[key])
         return out
 
