@@ -8,7 +8,7 @@ Builds the mmdet config with random init (nothing downloaded), then alternates a
 full ``analyse`` of that forward (trace plus coupling graph) and with ``analyse_model`` (what the
 hook runs: the tensor forward and the loss on a generated batch, which traces training-only
 branches), ``--repeats`` times each, and prints the medians and their ratios. ``--profile`` prints
-the analysis's top functions by own time (cProfile). The ratio is printed twice: of the medians, and
+the analysis's top functions by own time (cProfile). The ratio is printed three ways: of the medians, as
 the median of the ratios within a round (analysis against the forward run just before it), and of the
 fastest runs (noise on a shared machine only adds time).
 ``--parts`` also times, in the same turns, what the trace is made of: the forward under a

@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from .atoms import connected_roots
 from .layers import ChannelwiseCall, ModuleRecord
 from .mirrors import find_mirrors, tie_mirrors
 from .trace import ChannelTracer
@@ -110,27 +111,15 @@ class CouplingGraph:
                                                                                   dtype=torch.long))
         never = seq.numel()
         first_pos = torch.full((sets.size,), never).scatter_reduce_(0, seq, torch.arange(never), 'amin')
-        # producers that write a common class are one group (a residual stream): union-find over producers,
-        # whose representative is the group's first producer
+        # producers that write a common class are one group (a residual stream): the connected producers, each
+        # linked to the first writer of every class it writes; a group's root is its first producer
         first_writer = seq_producer.index_select(0, first_pos.index_select(0, seq))   # [positions]
-        links = torch.zeros(n_prod * n_prod, dtype=torch.bool)
-        links[first_writer * n_prod + seq_producer] = True
-        rep = list(range(n_prod))
-
-        def find(k: int) -> int:
-            while rep[k] != k:
-                rep[k] = rep[rep[k]]
-                k = rep[k]
-            return k
-
-        for link in links.nonzero().flatten().tolist():
-            a, b = find(link // n_prod), find(link % n_prod)
-            if a != b:
-                rep[max(a, b)] = min(a, b)
-        group_rep = torch.tensor([find(k) for k in range(n_prod)], dtype=torch.long)
+        group_rep = connected_roots(n_prod, [(first_writer, seq_producer)])
         classes = (first_pos < never).nonzero().flatten()      # the classes in seq, ascending
-        classes = classes.index_select(0, first_pos.index_select(0, classes).argsort())   # by first write
-        class_rep = group_rep.index_select(0, seq_producer.index_select(0, first_pos.index_select(0, classes)))
+        first = first_pos.index_select(0, classes)
+        by_first = first.argsort()                             # by first write
+        classes, first = classes.index_select(0, by_first), first.index_select(0, by_first)
+        class_rep = group_rep.index_select(0, seq_producer.index_select(0, first))
         order = class_rep.argsort(stable=True)                 # groups in order of their first producer
         classes = classes.index_select(0, order)               # [num_channels] root of every flat channel
         class_rep = class_rep.index_select(0, order)

@@ -204,11 +204,12 @@ class DeformConvType(Conv):
 class ElementwiseNoiseType(LayerType):
     """A module that multiplies its input by a random mask of the input's shape, drawn for every channel
     alike and independently (mmdet's ``DropBlock``: square blocks dropped within each channel; GLIP's
-    ``FPN_DropBlock`` neck runs it on every level in training; identity in eval). Its mask is made with the input's shape (``torch.full`` then
-    ``bernoulli``), which the op-by-op trace sees as a fixed-size tensor multiplying the channels: it
-    would leave them unprunable. Like dropout, it treats every channel alike, so its output carries its
-    input's channels. In training, the compact model's rescaling (``numel / sum`` of the mask) is taken
-    over the kept channels only: the same factor in expectation, drawn from fewer elements."""
+    ``FPN_DropBlock`` neck runs it on every level in training; identity in eval). Its mask is made with
+    the input's shape (``torch.full`` then ``bernoulli``), which the op-by-op trace sees as a fixed-size
+    tensor multiplying the channels: it would leave them unprunable. Like dropout, it treats every channel
+    alike, so its output carries its input's channels. In training, the compact model's rescaling
+    (``numel / sum`` of the mask) is taken over the kept channels only: the same factor in expectation,
+    drawn from fewer elements."""
 
     kind = 'noise'
     records = False
