@@ -90,6 +90,11 @@ def main(argv=None):
     print(f'  fastest runs: plain forward {min(times["forward"]):.3f} s, analysis {min(times["analyse"]):.3f} s: '
           f'{min(times["analyse"]) / min(times["forward"]):.2f}x')
     print(f'  analyse_model (tensor forward + loss on a generated batch of 1) {full:.3f} s: {full / fwd:.2f}x')
+    from mmfisher.core.trace import ChannelTracer
+    tracer = ChannelTracer(model)                # what the coupling graph is solved from
+    tracer.run(forward)
+    print(f'  trace: {tracer.sets.size} channel atoms, {sum(a.numel() for a, _ in tracer.sets._unions)} '
+          f'union edges')
     for name, _ in runs[3:]:
         t = statistics.median(times[name])
         if name == 'coupling graph alone':
