@@ -265,6 +265,41 @@ def test_layernorm_over_channels_is_unprunable():
     assert any('LayerNorm' in r for r in g.group('b').reasons)
 
 
+class NormalisedHead(nn.Module):
+    """CSRA's head (mmpretrain): a 1x1 conv whose scores are divided by the norm of each class's filter, a
+    norm its parent takes over the conv's input channels. ``by_norm=False``: the parent reads only the
+    weight's shape."""
+
+    def __init__(self, by_norm=True):
+        super().__init__()
+        self.head = nn.Conv2d(8, 4, 1, bias=False)
+        self.by_norm = by_norm
+
+    def forward(self, x):
+        if self.by_norm:
+            return self.head(x) / self.head.weight.norm(dim=1, keepdim=True).transpose(0, 1)
+        return self.head(x) + x.new_zeros(self.head.weight.shape[0]).view(1, -1, 1, 1)
+
+
+def test_a_weight_read_outside_its_layer_leaves_that_layers_channels_unpruned():
+    # why: masking an input channel (zeroing it) keeps its weights in the norm, removing it does not
+    head, x = NormalisedHead(), torch.randn(1, 8, 4, 4)
+    mask = torch.ones(1, 8, 1, 1)
+    mask[:, 0] = 0
+    small = copy.deepcopy(head)
+    small.head.weight = nn.Parameter(head.head.weight[:, 1:].detach().clone())
+    assert not torch.allclose(head(x * mask), small(x[:, 1:]), atol=1e-4)
+    model = Two(nn.Identity())
+    model.out = head
+    grp = analyse(model, torch.randn(2, 3, 8, 8), strict=True).group('b')
+    assert not grp.prunable
+    assert any('out.head: its parameters are read outside its own forward (norm in out)' in r
+               for r in grp.reasons), grp.reasons
+    # reading the weight's shape only is no reason
+    model.out = NormalisedHead(by_norm=False)
+    assert analyse(model, torch.randn(2, 3, 8, 8), strict=True).group('b').prunable
+
+
 def _own_forward_pack(name):
     """A deformable conv pack whose forward is its own (a scaled output): mmfisher's layer type for
     mmcv's deformable convs does not describe it, so it is traced op by op and meets the kernel."""

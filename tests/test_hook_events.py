@@ -23,9 +23,9 @@ from mmfisher.openmmlab.hooks import STATE_KEY, SafeCheckpointHook
 class ToyResNet(BaseModel):
     """conv1 -> bn1 -> (+ conv2 -> bn2) -> pool -> linear: conv1 and conv2 form one residual stream."""
 
-    def __init__(self, data_preprocessor=None):
+    def __init__(self, data_preprocessor=None, in_channels=3):
         super().__init__(data_preprocessor=data_preprocessor)
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, padding=1)
         self.bn1 = nn.BatchNorm2d(16)
         self.conv2 = nn.Conv2d(16, 16, 3, padding=1)
         self.bn2 = nn.BatchNorm2d(16)
@@ -55,6 +55,11 @@ class ToyImages(Dataset):
         return dict(inputs=self.images[i], data_samples=self.labels[i])
 
 
+class ToyGrayImages(ToyImages):
+    """One channel, as MNIST's."""
+    images = torch.randn(12, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+
+
 HOOK = dict(type='FisherPruningHook', interval=2, target=('flops', 0.6), channels_per_step=2, input_shape=(8, 8))
 
 
@@ -64,6 +69,7 @@ class TestFisherPruningHook(RunnerTestCase):
         super().setUp()
         MODELS.register_module(module=ToyResNet, force=True)
         DATASETS.register_module(module=ToyImages, force=True)
+        DATASETS.register_module(module=ToyGrayImages, force=True)
         cfg = self.iter_based_cfg
         cfg.model = dict(type='ToyResNet')
         for key in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
@@ -74,6 +80,7 @@ class TestFisherPruningHook(RunnerTestCase):
     def tearDown(self):
         MODELS.module_dict.pop('ToyResNet', None)
         DATASETS.module_dict.pop('ToyImages', None)
+        DATASETS.module_dict.pop('ToyGrayImages', None)
         super().tearDown()
 
     def runner_and_hook(self, cfg=None):
@@ -103,6 +110,20 @@ class TestFisherPruningHook(RunnerTestCase):
         hub = runner.message_hub
         self.assertEqual(hub.get_scalar('train/pruned_channels').current(), 0)
         self.assertEqual(hub.get_scalar('train/flops_ratio').current(), 1.0)
+
+    def test_a_one_channel_model_is_analysed_with_the_channels_its_data_has(self):
+        for shape in (None, (1, 8, 8)):      # from the first training sample, or given as (C, H, W)
+            cfg = copy.deepcopy(self.iter_based_cfg)
+            cfg.model = dict(type='ToyResNet', in_channels=1)
+            for key in ('train_dataloader', 'val_dataloader', 'test_dataloader'):
+                cfg[key].dataset = dict(type='ToyGrayImages')
+            cfg.custom_hooks[1].input_shape = shape
+            runner, hook = self.runner_and_hook(cfg)
+            hook.before_train(runner)
+            self.assertEqual((hook.analysis_channels, hook.analysis_shape), (1, (8, 8)))
+            self.assertTrue(hook.pruner.graph.group('conv1').prunable)
+            self.train_iters(runner, hook, 4)
+            self.assertGreater(len(hook.pruner.history), 0)
 
     def test_after_train_iter_removes_channels_at_every_interval_only(self):
         runner, hook = self.runner_and_hook()

@@ -37,6 +37,28 @@ def test_print_groups_takes_cfg_options_as_mmengine_tools_do(tmp_path):
     assert '43/45 groups prunable, 67/67 conv/linear' in res.stdout   # two head convs fewer per branch
 
 
+def test_print_groups_on_a_classifier_uses_its_configs_input_size_and_channels(tmp_path):
+    """LeNet-5 on MNIST: one channel (its data preprocessor normalises one) at 32x32 (its test pipeline)."""
+    out_json = tmp_path / 'groups.json'
+    res = subprocess.run([sys.executable, 'tools/analysis_tools/print_groups.py',
+                          config_path('mmpretrain', 'lenet/lenet5_mnist.py'), '--json', str(out_json)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert 'input 1x1x32x32' in res.stdout
+    assert json.loads(out_json.read_text())['input_shape'] == [1, 1, 32, 32]
+
+
+def test_analysis_shape_follows_the_configs_test_pipeline():
+    from mmengine.config import Config
+
+    from mmfisher.openmmlab.tools_common import analysis_shape
+    swin = Config.fromfile(config_path('mmpretrain', 'swin_transformer_v2/swinv2-base-w16_16xb64_in1k-256px.py'))
+    assert analysis_shape(swin, None) == (3, 256, 256)           # ResizeEdge 292, then CenterCrop 256
+    assert analysis_shape(swin, [96]) == (3, 96, 96)
+    retina = Config.fromfile(config_path('mmdet', 'retinanet/retinanet_r50_fpn_1x_coco.py'))
+    assert analysis_shape(retina, None) == (3, 320, 320)          # a detector: 320x320 unless told
+
+
 def test_print_groups_missing_config_is_a_clear_error():
     res = subprocess.run([sys.executable, 'tools/analysis_tools/print_groups.py', 'no/such.py'], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)

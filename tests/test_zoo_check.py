@@ -1,5 +1,5 @@
 """The support matrix tool on a small fixed subset: TOOD (whose offsets only a deformable sampling reads)
-and an mmpretrain MobileNetV2 pass; MoCo v2 (two views from its own pipeline; its momentum
+and an mmpretrain MobileNetV2 pass; LeNet-5 passes on the one-channel 32x32 images of its config; MoCo v2 (two views from its own pipeline; its momentum
 encoder loses its source's channels) passes; T2T-ViT, whose random-init network amplifies float32
 rounding past 1e-4, passes on its float64 re-check; mmdet's ReID classifier (256x128 person crops)
 passes; Sparse R-CNN, whose random initial proposals are boxes of negative size until its own
@@ -21,6 +21,7 @@ def test_zoo_check_on_a_fixed_subset(tmp_path):
     broken.write_text("_base_ = ['mmdet::retinanet/retinanet_r50_fpn_1x_coco.py']\nmodel = dict(type='NoSuchDetector')\n")
     configs = [config_path('mmdet', 'tood/tood_r50_fpn_1x_coco.py'),
                config_path('mmpretrain', 'mobilenet_v2/mobilenet-v2_8xb32_in1k.py'),
+               config_path('mmpretrain', 'lenet/lenet5_mnist.py'),
                config_path('mmpretrain', 'mocov2/mocov2_resnet50_8xb32-coslr-200e_in1k.py'),
                config_path('mmpretrain', 't2t_vit/t2t-vit-t-14_8xb64_in1k.py'),
                config_path('mmdet', 'reid/reid_r50_8xb32-6e_mot17train80_test-mot17val20.py'),
@@ -39,6 +40,8 @@ def test_zoo_check_on_a_fixed_subset(tmp_path):
     assert tood['status'] == 'pass' and tood['max_rel_err'] <= 1e-4
     assert any('compiled op DeformConv2dFunction' in r for r in tood['reasons'])
     assert rows['mobilenet-v2_8xb32_in1k.py']['status'] == 'pass'
+    lenet = rows['lenet5_mnist.py']      # 1x32x32 inputs, as its config gives; mmpretrain's batch-1 squeeze mended
+    assert lenet['status'] == 'pass' and 'LeNet5 squeeze' in lenet['note'], lenet
     assert rows['mocov2_resnet50_8xb32-coslr-200e_in1k.py']['status'] == 'pass'
     t2t = rows['t2t-vit-t-14_8xb64_in1k.py']
     assert t2t['status'] == 'pass' and t2t['max_rel_err'] > 1e-4 and t2t['max_rel_err_float64'] <= 1e-9, t2t
@@ -58,7 +61,7 @@ def test_zoo_check_on_a_fixed_subset(tmp_path):
                             '--json', str(tmp_path / 'matrix.json'), '--resume'],
                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert '8 families kept' in again.stdout and '[zoo] ' not in again.stdout.replace('[zoo] 8 families kept', '')
+    assert '9 families kept' in again.stdout and '[zoo] ' not in again.stdout.replace('[zoo] 9 families kept', '')
     assert json.load(open(tmp_path / 'matrix.json')) == list(rows_in_order)
 
 

@@ -80,6 +80,16 @@ class ChannelTracer:
         self.batch_size: Optional[int] = None    # leading dim of the first layer input
         self.compiled_calls = 0                  # custom autograd Functions run so far, inside leaves too
         self.skipped: List[str] = []             # errors of the ``also`` forwards (traced up to the error)
+        # id(parameter) -> id(module) for the parameters of channel-indexed modules, and the first torch
+        # function outside any leaf that read one (CSRA's head divides by the norm of its conv's weight)
+        self.param_owners: Dict[int, int] = {}
+        for key, m in self.modules.items():
+            lt = self.layer_type(m)
+            if lt is not None and lt.records:
+                for p in m._parameters.values():
+                    if p is not None:
+                        self.param_owners[id(p)] = key
+        self.outside_reads: Dict[int, str] = {}  # id(module) -> what read its parameter outside its forward
 
     # ---- labels ---------------------------------------------------------- #
     def label(self, t: Any) -> Optional[Label]:
@@ -189,7 +199,30 @@ class ChannelTracer:
         for i, n in counted.items():
             del self.records[i].calls[n:]
         del self.channelwise[counted_channelwise:]
+        self.taint_outside_reads()
         return output
+
+    def note_parameter_reads(self, raw: str, name: str, tensors: List[torch.Tensor]) -> None:
+        """Remember the channel-indexed modules whose parameters torch function ``raw`` (outside any leaf)
+        reads. A shrink changes such a parameter's shape and content, which the masks do not: the norm of
+        a weight over its input channels, a weight used as a matrix elsewhere."""
+        if name in INSPECT or name in FACTORY:        # shape, dtype, new_zeros: nothing of the values
+            return
+        owners = self.param_owners
+        for t in tensors:
+            key = owners.get(id(t))
+            if key is not None and key not in self.outside_reads:
+                self.outside_reads[key] = f'{raw} in {self.where()}'
+
+    def taint_outside_reads(self) -> None:
+        """Every channel of a recorded module whose parameter a torch function read outside the module's
+        own forward (:meth:`note_parameter_reads`) is left unpruned: the masked model and the shrunk one
+        would compute different things. A module never called has no record: :meth:`unseen` reports it."""
+        for key, what in self.outside_reads.items():
+            rec = self.records.get(key)
+            if rec is not None and rec.arrays:
+                self.sets.taint(torch.cat(list(rec.arrays.values())),
+                                f'{rec.name}: its parameters are read outside its own forward ({what})')
 
     def _run_one(self, forward: Callable[[], Any]) -> Any:
         hooks = ModuleHooks(self)
@@ -369,6 +402,7 @@ class FunctionWatch(TorchFunctionMode):
         if kwargs:
             flat_tensors(kwargs, tensors)
         self.hooks.saw_function(name, inplace, tensors, kwargs, out)
+        tr.note_parameter_reads(raw, name, tensors)
         labelled = [(t, lab) for t in tensors for lab in [tr.label(t)] if lab is not None]
         if not labelled:
             return

@@ -43,7 +43,8 @@ def default_scope_of(cfg) -> str:
 
 
 def build_from_config(cfg) -> nn.Module:
-    """Build ``cfg.model`` in its default scope, without loading pretrained weights."""
+    """Build ``cfg.model`` in its default scope, without loading pretrained weights; a top-level
+    ``data_preprocessor`` (mmpretrain's configs) goes to the model, as mmengine's runner passes it."""
     from mmengine.config import Config
     from mmengine.registry import DefaultScope
     if not isinstance(cfg, Config):
@@ -51,6 +52,8 @@ def build_from_config(cfg) -> nn.Module:
     register_all_modules()
     scope = default_scope_of(cfg)
     model_cfg = cfg.model.copy()
+    if isinstance(model_cfg, dict) and cfg.get('data_preprocessor') is not None:
+        model_cfg.setdefault('data_preprocessor', cfg.data_preprocessor)
     _drop_pretrained(model_cfg)
     with DefaultScope.overwrite_default_scope(scope):
         if scope == 'mmpretrain':

@@ -117,6 +117,8 @@ def build_pruned_model(architecture: dict, channel_spec: Union[str, dict],
 
     ``data_preprocessor``: what mmengine's runner passes from a config's top-level
     ``data_preprocessor`` (mmpretrain configs); it goes to the architecture as it would.
+    ``input_shape``: ``(H, W)`` (3 channels) or ``(C, H, W)`` of the analysis input; default: the one the
+    pruned checkpoint was analysed at, else 320x320.
     """
     if kwargs:
         raise TypeError(f'PrunedModel got unknown option(s) {sorted(kwargs)}; valid options: '
@@ -127,8 +129,9 @@ def build_pruned_model(architecture: dict, channel_spec: Union[str, dict],
         cfg.setdefault('data_preprocessor', data_preprocessor)
     _drop_pretrained(cfg)
     model = MODELS.build(cfg)
-    shape = input_shape or saved_shape or (320, 320)
-    graph = analyse_model(model, (1, 3, int(shape[0]), int(shape[-1])))
+    shape = [int(v) for v in (input_shape or saved_shape or (320, 320))]
+    chw = (3, shape[0], shape[-1]) if len(shape) < 3 else tuple(shape[:3])   # (H, W): 3 channels
+    graph = analyse_model(model, (1,) + chw)
     try:
         keep = spec_to_keep(graph, spec)
     except SpecError as e:

@@ -136,8 +136,8 @@ class FisherPruningHook(Hook):
         frozen_every: score layers of frozen stages on every k-th iteration only (exact: 1;
             default: ``interval``, i.e. once per pruning decision). Scoring them needs a backward
             pass through the frozen stages that plain training skips.
-        input_shape: ``(H, W)`` of the example input the analysis and the cost model use
-            (default: the padded size of the first training sample after the data preprocessor).
+        input_shape: ``(H, W)`` (3 channels) or ``(C, H, W)`` of the example input the analysis and the
+            cost model use (default: the shape of the first training sample after the data preprocessor).
         round_to: when writing a pruned checkpoint, round every group's channel count up to a
             multiple of this (8, 16, 32: faster kernels), giving back the last removed channels.
         latency_quantum: the channel quantum of the latency model (-L, latency targets): None (default)
@@ -213,9 +213,12 @@ class FisherPruningHook(Hook):
         self.option_changes: list = []   # [{'iter', 'changed': {option: [old, new]}}] across resumes
 
     # ---------------------------------------------------------------- set-up
-    def _analysis_shape(self, runner) -> Tuple[int, int]:
+    def _analysis_input(self, runner) -> Tuple[int, int, int]:
+        """``(C, H, W)`` of the analysis input: ``input_shape`` (3 channels when it gives ``(H, W)``), else
+        the first training sample's after the data preprocessor (LeNet on MNIST: 1 channel)."""
         if self.input_shape is not None:
-            return int(self.input_shape[0]), int(self.input_shape[-1])
+            s = [int(v) for v in self.input_shape]
+            return (3, s[0], s[-1]) if len(s) < 3 else (s[0], s[1], s[2])
         shape = [None]
         if is_main_process():
             # one sample straight from the dataset: iterating the train dataloader here would close
@@ -233,7 +236,9 @@ class FisherPruningHook(Hook):
                 random.setstate(states[0])
                 np.random.set_state(states[1])
                 torch.set_rng_state(states[2])
-            shape = [tuple(int(s) for s in data['inputs'].shape[-2:])]
+            inputs = data['inputs']
+            inputs = inputs[0] if isinstance(inputs, (list, tuple)) else inputs   # a preprocessor that stacks none
+            shape = [tuple(int(s) for s in inputs.shape[-3:])]
         broadcast_object_list(shape)
         return shape[0]
 
@@ -244,9 +249,9 @@ class FisherPruningHook(Hook):
                                                                         _StoppableLoader):
             loop.dataloader = _StoppableLoader(loop.dataloader)
         t0 = time.perf_counter()
-        hw = self._analysis_shape(runner)
-        graph = analyse_model(model, (1, 3) + tuple(hw))
-        self.analysis_shape = tuple(hw)
+        chw = self._analysis_input(runner)
+        graph = analyse_model(model, (1,) + tuple(chw))
+        self.analysis_channels, self.analysis_shape = chw[0], tuple(chw[1:])
         latency = None
         if self.normalization == 'latency' or self.target[0] == 'latency':
             latency = self._latency_state(runner, model, graph)
@@ -258,7 +263,7 @@ class FisherPruningHook(Hook):
         runner.logger.info(
             f'[mmfisher] {s["prunable_groups"]}/{s["groups"]} channel groups prunable '
             f'({s["prunable_channels"]} channels, {s["prunable_layers"]}/{s["layers"]} conv/linear layers), '
-            f'analysed on {hw[0]}x{hw[1]} in {time.perf_counter() - t0:.2f} s; target {self.target[0]} '
+            f'analysed on {self.analysis_shape[0]}x{self.analysis_shape[1]} in {time.perf_counter() - t0:.2f} s; target {self.target[0]} '
             f'{self.target[1]}, {self._criterion_text()} importance, {self.normalization} normalisation, '
             f'{self.channels_per_step} channel(s) every '
             f'{self.interval} iterations')
@@ -304,7 +309,7 @@ class FisherPruningHook(Hook):
             from ..core.cost import CostModel
             from ..core.latency import LatencyModel
             t0 = time.perf_counter()
-            shape = (1, 3) + tuple(self.analysis_shape)
+            shape = (1, self.analysis_channels) + tuple(self.analysis_shape)
             lat = LatencyModel.measure(model, graph, lambda m: example_forward(m, shape), cost=CostModel(model, graph),
                                        log=lambda s: runner.logger.info(f'[mmfisher] {s}'),
                                        quantum=self.latency_quantum)
@@ -325,7 +330,7 @@ class FisherPruningHook(Hook):
         lat = self.pruner.cost.latency
         full = self.pruner.model        # the unpruned width: timed with its masks off
         p = next(compact.parameters())
-        x = torch.randn(1, 3, *self.analysis_shape, device=p.device)
+        x = torch.randn(1, self.analysis_channels, *self.analysis_shape, device=p.device)
         attached = bool(self.pruner.consumers._handles)
         modes = (compact.training, full.training)
         self.pruner.detach()
@@ -343,7 +348,7 @@ class FisherPruningHook(Hook):
         return {'predicted_ms': predicted, 'measured_ms': m[0]['latency_ms'],
                 'original_predicted_ms': lat.original, 'original_measured_ms': m[1]['latency_ms'],
                 'predicted_ratio': predicted / lat.original, 'measured_ratio': m[0]['latency_ms'] / m[1]['latency_ms'],
-                'device': lat.device, 'input_shape': [1, 3, *self.analysis_shape]}
+                'device': lat.device, 'input_shape': [1, self.analysis_channels, *self.analysis_shape]}
 
     def options(self) -> Dict[str, Any]:
         """The options that shape the pruning run, as plain data (stored in every checkpoint)."""
@@ -494,7 +499,9 @@ class FisherPruningHook(Hook):
                     'interval': self.interval,
                     'channels_per_step': self.channels_per_step,
                     'options': self.options(), 'option_changes': [dict(c) for c in self.option_changes],
-                    'analysis_input_shape': list(self.analysis_shape),
+                    # (H, W), with the channels first when they are not 3 (as input_shape takes it)
+                    'analysis_input_shape': ([self.analysis_channels] if self.analysis_channels != 3 else [])
+                    + list(self.analysis_shape),
                     'weights': 'ema' if ema is not None else 'running',
                     'weights_sha256': weights_digest(weights),
                 },

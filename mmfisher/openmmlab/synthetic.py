@@ -25,20 +25,25 @@ def _num_classes(model: nn.Module, default: int = 80) -> int:
         n = getattr(sub, 'num_classes', None)
         if isinstance(n, int):
             return n
-    return default
+    # a classifier whose head does not keep the count (mmpretrain's ClsHead, multi-label heads): its data
+    # preprocessor's, which turns labels to one-hot with it
+    n = getattr(getattr(model, 'data_preprocessor', None), 'num_classes', None)
+    return n if isinstance(n, int) else default
 
 
 def random_batch(model: nn.Module, batch: int = 2, shape: Sequence[int] = (320, 320),
-                 seed: int = 0, max_objects: int = 4, _for_video: nn.Module = None) -> Tuple[torch.Tensor, List]:
-    """``(inputs, data_samples)`` for ``model.loss`` / ``model.train_step``-free training loops. A
-    wrapper gets its detector's batch (:func:`detector_of`; :func:`loss_of` makes a semi-supervised
-    detector's branches)."""
+                 seed: int = 0, max_objects: int = 4, _for_video: nn.Module = None,
+                 channels: int = 3) -> Tuple[torch.Tensor, List]:
+    """``(inputs, data_samples)`` for ``model.loss`` / ``model.train_step``-free training loops: inputs
+    ``[batch, channels, *shape]``. A wrapper gets its detector's batch (:func:`detector_of`; :func:`loss_of`
+    makes a semi-supervised detector's branches). A multi-label classifier (its data preprocessor turns
+    labels to one-hot) gets a few labels per image."""
     if video_model(model) and _for_video is None:
         return random_video_batch(model, batch, shape, seed, max_objects)
     model = detector_of(model)
     g = torch.Generator().manual_seed(seed)
     h, w = int(shape[0]), int(shape[1])
-    inputs = torch.randn(batch, 3, h, w, generator=g)
+    inputs = torch.randn(batch, channels, h, w, generator=g)
     n_cls = _num_classes(model)
     try:
         from mmdet.models.detectors import BaseDetector
@@ -95,9 +100,14 @@ def random_batch(model: nn.Module, batch: int = 2, shape: Sequence[int] = (320, 
         inputs, samples = _training_targets(model, inputs, samples)
     else:
         sample_type = _classifier_sample_type(model)
+        n_labels = 3 if _multi_label(model) else 1
         for _ in range(batch):
-            samples.append(sample_type().set_gt_label(int(torch.randint(0, n_cls if n_cls else 1000, (1,),
-                                                                       generator=g))))
+            if n_labels == 1:
+                label = int(torch.randint(0, n_cls, (1,), generator=g))
+            else:
+                k = int(torch.randint(1, n_labels + 1, (1,), generator=g))
+                label = torch.randperm(n_cls, generator=g)[:k].tolist()
+            samples.append(sample_type().set_gt_label(label))
     return inputs, samples
 
 
@@ -141,6 +151,15 @@ def one_frame_video(image: torch.Tensor, sample) -> Tuple[torch.Tensor, List]:
     """A tracker's predict input from one image ``[1, C, H, W]`` and its ``DetDataSample``: ``[1, 1, C, H, W]``
     and a one-frame ``TrackDataSample`` (:func:`as_video`)."""
     return image.unsqueeze(1), [as_video([sample])]
+
+
+def _multi_label(model: nn.Module) -> bool:
+    """An mmpretrain classifier with a multi-label head (CSRA on VOC): every image has one or more labels."""
+    try:
+        from mmpretrain.models.heads import MultiLabelClsHead
+    except ImportError:  # pragma: no cover
+        return False
+    return isinstance(getattr(model, 'head', None), MultiLabelClsHead)
 
 
 def _classifier_sample_type(model: nn.Module) -> type:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os.path as osp
 import sys
+from typing import Optional, Tuple
 
 
 def parse_tool_args(parser, argv=None):
@@ -75,9 +76,52 @@ def analysis_tool_config(config: str, cfg_options):
     return cfg
 
 
+def input_channels(cfg) -> int:
+    """The image channels the config's model reads: as many as its data preprocessor normalises (the length
+    of its ``mean``: 1 for LeNet on MNIST), else 3."""
+    model = cfg.get('model') or {}
+    dp = model.get('data_preprocessor') if hasattr(model, 'get') else None
+    dp = dp or cfg.get('data_preprocessor') or {}
+    mean = dp.get('mean') if hasattr(dp, 'get') else None
+    return len(mean) if isinstance(mean, (list, tuple)) and mean else 3
+
+
+# the transforms of a classifier's test pipeline that set the image's size, and the key that holds it
+_SIZE_KEYS = {'CenterCrop': 'crop_size', 'RandomCrop': 'crop_size', 'RandomResizedCrop': 'scale',
+              'Resize': 'scale', 'ResizeEdge': 'scale'}
+
+
+def pipeline_size(cfg) -> Optional[Tuple[int, int]]:
+    """``(H, W)`` of the images the config's own test (else val, else train) pipeline hands a classifier: the
+    size its last resizing or cropping transform sets (swin-v2 256, LeNet 32, CSRA 448), or None when the
+    pipeline sets none."""
+    for key in ('test_dataloader', 'val_dataloader', 'train_dataloader'):
+        loader = cfg.get(key) or {}
+        dataset = loader.get('dataset') or {} if hasattr(loader, 'get') else {}
+        pipeline = dataset.get('pipeline') if hasattr(dataset, 'get') else None
+        if not pipeline:
+            continue
+        size = None
+        for t in pipeline:
+            kind = str(t.get('type', '')).split('.')[-1] if hasattr(t, 'get') else ''
+            value = t.get(_SIZE_KEYS[kind]) if kind in _SIZE_KEYS else None
+            if isinstance(value, int):
+                size = (value, value)
+            elif isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, int) for v in value):
+                size = (value[1], value[0]) if kind in ('Resize', 'ResizeEdge') else tuple(value)  # (w, h) scales
+        if size is not None:
+            return size
+    return None
+
+
 def analysis_shape(cfg, shape) -> tuple:
-    """``(H, W)`` from a ``--shape H [W]`` argument, else 224x224 for classifiers and 320x320 for detectors."""
+    """``(C, H, W)`` of the analysis input: ``H, W`` from a ``--shape H [W]`` argument, else, for classifiers,
+    the size the config's own test pipeline makes (:func:`pipeline_size`; 224x224 if it sets none), and
+    320x320 for detectors; ``C`` from the config's data preprocessor (:func:`input_channels`)."""
     from .analysis import default_scope_of
     if shape is None:
-        return (224, 224) if default_scope_of(cfg) == 'mmpretrain' else (320, 320)
-    return tuple(shape[:2]) * (2 if len(shape) == 1 else 1)
+        classifier = default_scope_of(cfg) == 'mmpretrain'
+        hw = (pipeline_size(cfg) or (224, 224)) if classifier else (320, 320)
+    else:
+        hw = tuple(shape[:2]) * (2 if len(shape) == 1 else 1)
+    return (input_channels(cfg),) + tuple(int(v) for v in hw)

@@ -22,7 +22,8 @@ def parse_args(argv=None):
     p.add_argument('config', help='mmdet or mmpretrain config file')
     p.add_argument('--shape', type=int, nargs='+', default=None,
                    help='input height and width of the example input (default: 320 320 for '
-                        'detectors, 224 224 for classifiers)')
+                        'detectors; for classifiers, the size of the config\'s test pipeline, else 224 224; the '
+                        'channels are those of the config\'s data preprocessor)')
     p.add_argument('--batch', type=int, default=1, help='example batch size (default: 1)')
     p.add_argument('--json', help='also write the groups as JSON to this file')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
@@ -40,12 +41,13 @@ def main(argv=None):
     t0 = time.perf_counter()
     model = build_from_config(cfg)
     t_build = time.perf_counter() - t0
-    hw = analysis_shape(cfg, args.shape)
-    graph = analyse_model(model, (args.batch, 3) + tuple(hw[:2]))
+    chw = analysis_shape(cfg, args.shape)
+    hw = chw[1:]
+    graph = analyse_model(model, (args.batch,) + chw)
     print(graph.report())
-    print(f'(model built in {t_build:.2f} s; input {args.batch}x3x{hw[0]}x{hw[1]})')
+    print(f'(model built in {t_build:.2f} s; input {args.batch}x{chw[0]}x{hw[0]}x{hw[1]})')
     if args.json:
-        out = {'config': args.config, 'input_shape': [args.batch, 3, hw[0], hw[1]], 'summary': graph.summary(),
+        out = {'config': args.config, 'input_shape': [args.batch, *chw], 'summary': graph.summary(),
                'groups': [{'name': g.name, 'channels': g.size, 'positions_per_channel': g.positions_per_channel,
                            'prunable': g.prunable, 'reasons': g.reasons, 'producers': g.producers,
                            'consumers': g.consumers, 'per_channel': g.norms} for g in graph.groups]}

@@ -30,8 +30,9 @@ def parse_args(argv=None):
                      help='flops, memory or params, and the ratio of the original to keep')
     p.add_argument('--out', required=True, help='the channel spec JSON to write (must not exist)')
     p.add_argument('--shape', type=int, nargs='+', default=None,
-                   help='input height and width the cost is measured at (default: 320 320 for detectors, '
-                        '224 224 for classifiers)')
+                   help='input height and width the cost is measured at (default: 320 320 for detectors; for '
+                        'classifiers, the size of the config\'s test pipeline, else 224 224; the channels are '
+                        'those of the config\'s data preprocessor)')
     p.add_argument('--cfg-options', nargs='+', action=DictAction, metavar='KEY=VALUE',
                    help='override config keys, as in mmdet tools (mmengine DictAction syntax)')
     return p.parse_args(argv)
@@ -49,8 +50,9 @@ def main(argv=None):
         sys.exit(f'error: {args.out!r} exists; give another --out (nothing is overwritten)')
     cfg = analysis_tool_config(args.config, args.cfg_options)
     model = build_from_config(cfg)
-    hw = analysis_shape(cfg, args.shape)
-    graph = analyse_model(model, (1, 3) + tuple(hw[:2]))
+    chw = analysis_shape(cfg, args.shape)
+    hw = chw[1:]
+    graph = analyse_model(model, (1,) + chw)
     cost = CostModel(model, graph)
     if args.width is not None:
         width, keep = args.width, uniform_keep(graph, args.width)

@@ -7,22 +7,26 @@
                                              [--language-env .language_env]
 
 For one representative config per family (the shortest name, preferring ResNet-50 and the 1x
-schedule; the next of three if the check cannot run it), in a subprocess with a time limit: build it with random weights (nothing downloaded),
-analyse it strictly (a failing op rule is an error, not "unprunable"), cut every prunable group to
-a random ``--fraction`` of its channels, write the channel spec as JSON and shrink a copy of the model
-from it, compare the compact model's outputs with the masked model's (relative 1e-4, or, where
-float32 rounding amplified by the random-init network exceeds that, 1e-9 with both in float64; the compact
-model's run replays the masked run's discrete decisions, top-k, sorts, NMS, thresholds, which
-can flip on float rounding over random-init scores: DETR's query selection, the RPN's choice of
-proposals; the RoI heads of two-stage detectors get the masked run's proposals themselves), then
-run one training step and one predict on the
-compact model with generated data. Every group that is not prunable is listed with its reason.
+schedule; the next of five if the check cannot run it or it is backbone-only), in a subprocess with a
+time limit: build it with random weights (nothing downloaded; a classifier at the input size of its
+config's test pipeline, with its data preprocessor's channels), analyse it strictly (a failing op
+rule is an error, not "unprunable"), cut every prunable group to a random ``--fraction`` of its
+channels, write the channel spec as JSON and shrink a copy of the model from it, compare the compact
+model's outputs with the masked model's (relative 1e-4, or, where float32 rounding amplified by the
+random-init network exceeds that, 1e-9 with both in float64; the compact model's run replays the
+masked run's discrete decisions, top-k, sorts, NMS, thresholds, which can flip on float rounding over
+random-init scores: DETR's query selection, the RPN's choice of proposals; the RoI heads of two-stage
+detectors get the masked run's proposals themselves), then run one training step and one predict on
+the compact model with generated data. Every group that is not prunable is listed with its reason.
 
 A row is ``pass``, ``fail`` (something mmfisher does went wrong: the analysis, the shrink, the
 outputs, or the compact model's train / predict while the original's work), ``harness`` (the check
 itself could not run the model: it does not build here, or the original model's own train step or
-predict fails on generated data), ``timeout``, ``nothing prunable`` or ``no model`` (a folder of dataset or
-schedule templates, not a model family: not counted).
+predict fails on generated data), ``timeout``, ``nothing prunable``, ``features only`` (a
+backbone-only config, no head and no loss: its features analysed, shrunk and compared; nothing to
+train or predict) or ``no model`` (a folder of dataset or schedule templates, not a model family:
+not counted). Where the check adapts a model to run here (a bug of the installed packages mended, a
+dataset that is not here replaced by generated data), its row says so.
 
 The whole matrix takes hours on 2 cores: ``--json`` is rewritten after every family, and
 ``--resume`` keeps the families it already holds (each row records the mmfisher commit it ran on).
@@ -37,6 +41,7 @@ import sys
 import tempfile
 import time
 import traceback
+import types
 
 ROOT = osp.abspath(osp.join(osp.dirname(__file__), '..', '..'))
 LANGUAGE_ENV = osp.join(ROOT, '.language_env')
@@ -50,7 +55,7 @@ def parse_args(argv=None):
     p.add_argument('--configs', nargs='+', help='check these config files instead of one per family')
     p.add_argument('--jobs', type=int, default=1, help='configs checked at once (each in its own process)')
     p.add_argument('--timeout', type=float, default=300, help='seconds per config')
-    p.add_argument('--shape', type=int, default=256, help='input size for detectors (classifiers: 224)')
+    p.add_argument('--shape', type=int, default=256, help='input size for detectors (classifiers: the size their config\'s test pipeline gives, else 224)')
     p.add_argument('--fraction', type=float, default=0.7, help='share of every prunable group kept')
     p.add_argument('--language-env', metavar='DIR', default=LANGUAGE_ENV if osp.isdir(LANGUAGE_ENV) else None,
                    help='a folder holding transformers and fairscale, put on the path of the checks of models '
@@ -163,13 +168,15 @@ def _parts(graph):
         path = n.split('.')
         if path[0] in ('student', 'detector') and len(path) > 1:    # a semi-supervised detector, a tracker
             path = path[1:]
+        if path[0] == 'image_encoder' and len(path) > 1:    # an image retriever: Sequential(backbone, neck)
+            path = [('backbone', 'neck')[min(int(path[1]), 1)]] + path[2:] if path[1].isdigit() else path
         part = path[0] if path[0] in ('backbone', 'neck') else 'head'
         total, pr = out.get(part, (0, 0))
         out[part] = (total + 1, pr + (n in prunable))
     return out
 
 
-def pipeline_batch(cfg, model, n=2, size=256):
+def pipeline_batch(cfg, model, n=2, size=256, row=None):
     """A training batch of ``n`` generated images through the config's own train pipeline and the
     model's data preprocessor: ``(inputs, data_samples)`` as ``model.loss`` receives them. Used for
     self-supervised models, whose loss wants what only their pipeline makes (several views of an
@@ -198,7 +205,10 @@ def pipeline_batch(cfg, model, n=2, size=256):
             out.append(t)
         return out
 
-    pipeline = without_jitter(cfg.train_dataloader.dataset.pipeline)
+    pipeline, replaced = _without_torchvision(without_jitter(cfg.train_dataloader.dataset.pipeline))
+    if replaced and row is not None:
+        _note(row, f'its pipeline\'s torchvision transforms ({", ".join(replaced)}) checked as mmpretrain\'s '
+                   f'(torchvision does not load beside this CPU torch)')
     rng = np.random.default_rng(0)
     random.seed(0)
     np.random.seed(0)
@@ -251,6 +261,16 @@ def _mend_upstream_bugs(model, row):
     """Known bugs of the installed OpenMMLab packages, which a user meets without mmfisher too, mended
     the way their proposed fixes do; the row says so."""
     try:
+        from mmpretrain.models.backbones import LeNet5
+    except ImportError:  # pragma: no cover
+        LeNet5 = ()
+    for m in model.modules():
+        if isinstance(m, LeNet5) and m.num_classes > 0 and 'single_image' not in m.__dict__:
+            # mmpretrain 1.2's LeNet5 squeezes its [N, 120, 1, 1] features with a bare squeeze(), which drops
+            # the batch dim of a single image (its own predict of one image fails); the spatial dims only
+            m.forward = m.single_image = types.MethodType(_lenet_forward, m)   # a deep copy binds its copy
+            _note(row, "mmpretrain 1.2's LeNet5 squeeze of a single image's batch dim mended (flatten(1))")
+    try:
         from mmdet.models.dense_heads import SSDHead
     except ImportError:  # pragma: no cover
         return
@@ -263,6 +283,46 @@ def _mend_upstream_bugs(model, row):
     if any(isinstance(m, FCNMaskHead) for m in model.modules()) and \
             not getattr(fcn_mask_head._do_paste_mask, 'mended', False):
         fcn_mask_head._do_paste_mask = _paste_masks_outside_the_image(fcn_mask_head._do_paste_mask, row)
+
+
+def _distilled_head(d):
+    """Whether config dict ``d`` builds a head with its distillation branch on (EfficientFormer's and LeViT's
+    heads: ``distillation=True``, their default)."""
+    import inspect
+    if 'Head' not in str(d.get('type')):
+        return False
+    if 'distillation' in d:
+        return d['distillation'] is True
+    try:
+        from mmpretrain.registry import MODELS
+        cls = MODELS.get(d['type'])
+        default = inspect.signature(cls).parameters.get('distillation')
+    except Exception:  # noqa: BLE001  (not an mmpretrain head)
+        return False
+    return default is not None and default.default is True
+
+
+def _generated_gallery(model, shape, row):
+    """An image retriever whose gallery (``prototype``) is a dataset config (ArcFace on InShop, which is not
+    here): a gallery of 8 random feature vectors of the size its features have on a ``shape`` input."""
+    import torch
+    try:
+        from mmpretrain.models.retrievers import ImageToImageRetriever
+    except ImportError:  # pragma: no cover
+        return
+    if not isinstance(model, ImageToImageRetriever) or isinstance(model.prototype, torch.Tensor):
+        return
+    with torch.no_grad():
+        feats = model.extract_feat(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+    feats = feats[-1] if isinstance(feats, tuple) else feats
+    named = (model.prototype.get('dataset') or {}).get('type') if isinstance(model.prototype, dict) else None
+    model.prototype = torch.randn(8, feats.shape[-1], generator=torch.Generator().manual_seed(1))
+    _note(row, f'its gallery: 8 random feature vectors, not the dataset its config names ({named or "a loader"})')
+
+
+def _lenet_forward(self, x):
+    """LeNet5's forward with its features flattened from dim 1 (:func:`_mend_upstream_bugs`)."""
+    return (self.classifier(self.features(x).flatten(1)),)
 
 
 def _paste_masks_outside_the_image(paste, row):
@@ -285,6 +345,37 @@ def _paste_masks_outside_the_image(paste, row):
         return paste(masks, boxes, img_h, img_w, skip_empty=skip_empty)
     mended.mended = True
     return mended
+
+
+# torchvision transforms in a pipeline (mmpretrain registers them as ``torchvision/<name>`` only when
+# torchvision imports), as the mmpretrain transform giving the same shapes
+_TORCHVISION_AS = {
+    'Resize': lambda t: dict(type='ResizeEdge', scale=t['size'], edge='short')
+    if isinstance(t['size'], int) else dict(type='Resize', scale=tuple(t['size'])[::-1]),
+    'CenterCrop': lambda t: dict(type='CenterCrop', crop_size=t['size']),
+    'RandomCrop': lambda t: dict(type='RandomCrop', crop_size=t['size'], padding=t.get('padding'),
+                                 padding_mode=t.get('padding_mode', 'constant')),
+    'RandomResizedCrop': lambda t: dict(type='RandomResizedCrop', scale=t['size']),
+    'RandomHorizontalFlip': lambda t: dict(type='RandomFlip', prob=t.get('p', 0.5), direction='horizontal'),
+}
+
+
+def _without_torchvision(pipeline):
+    """``(pipeline, names replaced)``: ``torchvision/*`` transforms as mmpretrain's (:data:`_TORCHVISION_AS`),
+    the PIL round trip around them (``ToPIL``, ``ToNumpy``) dropped. An unknown one stays (and fails)."""
+    out, replaced = [], []
+    uses = any(isinstance(t, dict) and str(t.get('type', '')).startswith('torchvision/') for t in pipeline)
+    for t in pipeline:
+        kind = str(t.get('type', '')) if isinstance(t, dict) else ''
+        if uses and kind in ('ToPIL', 'NumpyToPIL', 'ToNumpy', 'PILToNumpy'):
+            continue
+        name = kind[len('torchvision/'):] if kind.startswith('torchvision/') else None
+        if name in _TORCHVISION_AS:
+            out.append(_TORCHVISION_AS[name](t))
+            replaced.append(name)
+        else:
+            out.append(t)
+    return out, replaced
 
 
 def language_models(cfg):
@@ -321,6 +412,7 @@ def check(config, shape, fraction):
     from mmfisher.openmmlab.decisions import SameDecisions
     from mmfisher.openmmlab.analysis import default_scope_of, example_samples
     from mmfisher.openmmlab.synthetic import loss_of, one_frame_video, random_batch, randomise_norms
+    from mmfisher.openmmlab.tools_common import analysis_shape
 
     t0 = time.perf_counter()
     row = {'config': config}
@@ -328,7 +420,10 @@ def check(config, shape, fraction):
     if 'model' not in cfg:
         raise NoModel('config: no model in it (a dataset, schedule or test-time augmentation template)')
     classifier = default_scope_of(cfg) == 'mmpretrain'
-    hw = (224, 224) if classifier else (shape, shape)
+    # a classifier at the size and channels its config's test pipeline and data preprocessor give (LeNet:
+    # 1x32x32, swin-v2: 256), a detector at --shape
+    channels, *hw = analysis_shape(cfg, None) if classifier else (3, shape, shape)
+    hw = tuple(hw)
     torch.manual_seed(0)
     if cfg.get('model', {}).get('teacher_ckpt'):
         cfg.model.teacher_ckpt = None        # knowledge distillation: a random-init teacher, nothing downloaded
@@ -342,6 +437,13 @@ def check(config, shape, fraction):
         d['use_torchvision'] = False     # torchvision does not load beside this CPU torch: mmcv's same op
     if torchvision_ops:
         _note(row, "torchvision's RoI op checked as mmcv's")
+    distilled = [d for d in config_dicts(cfg.model) if _distilled_head(d)]
+    for d in distilled:
+        # EfficientFormer's and LeViT's distilled heads have no train step in mmpretrain ("doesn't support
+        # training in distillation mode"): their configs' heads are checked as mmpretrain trains them
+        d['distillation'] = False
+    if distilled:
+        _note(row, f"{distilled[0]['type']} checked without its distillation branch (mmpretrain trains none)")
     language = language_models(cfg)
     if language:
         # GLIP / Grounding DINO load BERT by name from HuggingFace: a generated one, random weights,
@@ -383,6 +485,7 @@ def check(config, shape, fraction):
     randomise_norms(model)
     model.eval()
     _mend_upstream_bugs(model, row)
+    _generated_gallery(model, (1, channels) + tuple(hw), row)
     try:
         from mmpretrain.models import BaseSelfSupervisor
         selfsup = isinstance(model, BaseSelfSupervisor)
@@ -393,19 +496,24 @@ def check(config, shape, fraction):
         tracker = isinstance(model, BaseMOTModel)
     except ImportError:  # pragma: no cover
         tracker = False
-    if classifier and not selfsup and getattr(model, 'head', 1) is None:
-        raise Harness('build: a backbone-only config (no head, so no loss): a feature extractor for other '
-                      'models, nothing to train here')
+    # a backbone-only config (DINOv2, EVA, SAM, GLIP's image encoder: no head, so no loss): a feature extractor
+    # for other models. Its features are analysed, shrunk and compared; there is nothing to train or predict
+    headless = classifier and not selfsup and getattr(model, 'head', 1) is None
+    if headless:
+        _note(row, 'a backbone-only config (no head, no loss): its features are checked, nothing to train')
 
     def inputs_at(hw):
         """The analysis input, its samples and a training batch at ``hw``."""
-        x = torch.randn(1, 3, *hw, generator=torch.Generator().manual_seed(0))
+        # a self-supervised model on two images, its training batch's size: SparK's sparse convs read the
+        # mask of the last training batch (a class attribute), whatever batch they are given
+        x = torch.randn(2 if selfsup else 1, channels, *hw, generator=torch.Generator().manual_seed(0))
         samples = example_samples(model, tuple(x.shape))
         if selfsup:      # several views / a mask: the config's own pipeline on generated images
-            batch = _step('generated batch (the config\'s train pipeline)', lambda: pipeline_batch(cfg, model),
+            batch = _step('generated batch (the config\'s train pipeline)', lambda: pipeline_batch(cfg, model, row=row),
                           harness=True)
         else:
-            batch = _step('generated batch', lambda: random_batch(model, 2, hw), harness=True)
+            batch = _step('generated batch', lambda: random_batch(model, 2, hw, channels=channels),
+                          harness=True)
         return x, samples, batch
 
     def train_and_predict(m, what, harness):
@@ -445,6 +553,8 @@ def check(config, shape, fraction):
             randomise_norms(model)
             initialised = True
         x, samples, batch = inputs_at(hw)
+        if headless:
+            break
         try:
             train_and_predict(copy_model(model), 'original model', harness=True)
             break
@@ -510,9 +620,10 @@ def check(config, shape, fraction):
             row['max_rel_err_float64'] = compare(torch.float64)
         except Exception as e:  # noqa: BLE001  (a compiled op without float64: the float32 verdict stands)
             row['float64_error'] = f'{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ""}'
-    train_and_predict(compact, 'compact model', harness=False)
+    if not headless:
+        train_and_predict(compact, 'compact model', harness=False)
     exact64 = row.get('max_rel_err_float64', 1.0) <= 1e-9
-    row['status'] = 'pass' if row['max_rel_err'] <= 1e-4 or exact64 else 'fail'
+    row['status'] = ('features only' if headless else 'pass') if row['max_rel_err'] <= 1e-4 or exact64 else 'fail'
     if row['status'] == 'fail':
         row['error'] = f'compact outputs differ from the masked model\'s by {row["max_rel_err"]:.2e} (relative)'
     elif exact64:
@@ -543,14 +654,18 @@ def worker(config, out, shape, fraction):
 
 # ---------------------------------------------------------------- the matrix
 def run_family(package, family, configs, args):
-    """The first candidate config whose check is not a harness failure (else the last harness row; 'no
-    model' when no candidate defines a model)."""
+    """The first candidate config whose check is neither a harness failure nor a backbone-only config's
+    (else the first 'features only' row, else the last harness row; 'no model' when no candidate defines a
+    model)."""
     rows = []
     for config in configs:
         rows.append(run_one(package, family, config, args))
-        if rows[-1]['status'] not in ('harness', 'no model'):
+        if rows[-1]['status'] not in ('harness', 'no model', 'features only'):
             return rows[-1]
-    return ([r for r in rows if r['status'] == 'harness'] or rows)[-1]
+    for status in ('features only', 'harness'):
+        if any(r['status'] == status for r in rows):
+            return [r for r in rows if r['status'] == status][0 if status == 'features only' else -1]
+    return rows[-1]
 
 
 def run_one(package, family, config, args):
@@ -637,6 +752,19 @@ def language_env_versions(folder=LANGUAGE_ENV):
     return ', '.join(f'{p} {found[p]}' for p in ('transformers', 'fairscale') if p in found) or 'transformers and fairscale'
 
 
+def every_part_pruned(rows):
+    """``(package, families passing with a prunable layer in every part they have, model families)`` per
+    package (a family without a neck, as CornerNet's hourglass, counts with backbone and head)."""
+    out = []
+    for package in sorted({r['package'] for r in rows}):
+        models = [r for r in rows if r['package'] == package and r['status'] != 'no model']
+        done = [r for r in models if r['status'] == 'pass' and r.get('parts')
+                and all(n_prunable > 0 for n, n_prunable in r['parts'].values() if n)]
+        if models:
+            out.append((package, len(done), len(models)))
+    return out
+
+
 def markdown(rows, args):
     import mmdet
     import mmengine
@@ -658,7 +786,11 @@ def markdown(rows, args):
         f'{", ".join(sorted({r.get("commit", "unknown") for r in rows}))}: ' +
         ', '.join(f'{v} {k}' for k, v in sorted(counts.items())) + '.',
         '',
-        'Per family, one config (random weights): strict analysis; every prunable group cut to a random '
+    ] + [f'{package}: {done} of {total} model families pass with every part they have (backbone, neck, head) '
+         f'pruned ({done / total:.1%}).' for package, done, total in every_part_pruned(rows) if package == 'mmdet'] + [
+        '',
+        f'Per family, one config (random weights; detectors at {args.shape}x{args.shape}, classifiers at the size '
+        'and channels of their config\'s test pipeline): strict analysis; every prunable group cut to a random '
         f'{args.fraction:.0%}; the compact model shrunk from the JSON spec; its outputs against the masked '
         'model\'s (the compact run replays the masked run\'s top-k, sort, NMS and threshold choices, and the RoI heads '
         'of two-stage detectors get the masked run\'s proposals); one train step '
