@@ -263,7 +263,8 @@ class FisherPruningHook(Hook):
         runner.logger.info(
             f'[mmfisher] {s["prunable_groups"]}/{s["groups"]} channel groups prunable '
             f'({s["prunable_channels"]} channels, {s["prunable_layers"]}/{s["layers"]} conv/linear layers), '
-            f'analysed on {self.analysis_shape[0]}x{self.analysis_shape[1]} in {time.perf_counter() - t0:.2f} s; target {self.target[0]} '
+            f'analysed on {self.analysis_channels}x{self.analysis_shape[0]}x{self.analysis_shape[1]} in '
+            f'{time.perf_counter() - t0:.2f} s; target {self.target[0]} '
             f'{self.target[1]}, {self._criterion_text()} importance, {self.normalization} normalisation, '
             f'{self.channels_per_step} channel(s) every '
             f'{self.interval} iterations')

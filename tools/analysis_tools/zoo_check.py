@@ -55,7 +55,9 @@ def parse_args(argv=None):
     p.add_argument('--configs', nargs='+', help='check these config files instead of one per family')
     p.add_argument('--jobs', type=int, default=1, help='configs checked at once (each in its own process)')
     p.add_argument('--timeout', type=float, default=300, help='seconds per config')
-    p.add_argument('--shape', type=int, default=256, help='input size for detectors (classifiers: the size their config\'s test pipeline gives, else 224)')
+    p.add_argument('--shape', type=int, default=256,
+                   help='input size for detectors (classifiers: the size their config\'s test pipeline gives, '
+                        'else 224)')
     p.add_argument('--fraction', type=float, default=0.7, help='share of every prunable group kept')
     p.add_argument('--language-env', metavar='DIR', default=LANGUAGE_ENV if osp.isdir(LANGUAGE_ENV) else None,
                    help='a folder holding transformers and fairscale, put on the path of the checks of models '
