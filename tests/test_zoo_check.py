@@ -133,3 +133,50 @@ def test_grounding_dino_passes_with_a_generated_bert_and_its_checkpointed_encode
     assert 'BERT generated' in row['note']
     assert all(row['parts'][p][1] > 0 for p in ('backbone', 'neck', 'head')), row['parts']
     assert 'checked with transformers 4.38.2, fairscale 0.4.13 from `.language_env`' in (tmp_path / 'matrix.md').read_text()
+
+
+def test_masked_conv_without_a_cpu_kernel_runs_as_a_dense_conv_zeroed_off_the_mask():
+    """mmcv's MaskedConv2d (guided anchoring) has no CPU kernel; the check runs it as mmcv does on NPU. The
+    reference is the op's definition, one output position at a time: conv and bias where the mask is > 0,
+    zero elsewhere."""
+    import torch
+    from mmcv.ops import MaskedConv2d, masked_conv
+    zoo = _zoo_check()
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(1, 3, 6, 7, generator=g), torch.randn(4, 3, 3, 3, generator=g), torch.randn(4, generator=g)
+    mask = (torch.rand(1, 6, 7, generator=g) > 0.5).float()
+    ref = torch.zeros(1, 4, 6, 7)
+    xp = torch.nn.functional.pad(x, (1, 1, 1, 1))
+    for i in range(6):
+        for j in range(7):
+            if mask[0, i, j] > 0:
+                ref[0, :, i, j] = (w * xp[0, :, i:i + 3, j:j + 3]).sum((1, 2, 3)) + b
+    assert torch.allclose(zoo._dense_masked_conv2d(x, mask, w, b, padding=1), ref, atol=1e-5)
+
+    conv = MaskedConv2d(3, 4, 3, padding=1)
+    row = {}
+    before = masked_conv.masked_conv2d
+    try:
+        zoo._masked_conv_without_cpu_kernel(torch.nn.Sequential(conv), row)
+        assert 'MaskedConv2d' in row['note']
+        with torch.no_grad():
+            out = conv(x, mask)
+        assert torch.allclose(out, zoo._dense_masked_conv2d(x, mask, conv.weight, conv.bias, padding=1))
+    finally:
+        masked_conv.masked_conv2d = before
+
+
+def test_a_generated_clip_checkpoint_loads_as_milans_target_generator_loads_its_download(tmp_path):
+    """MILAN's CLIPGenerator builds CLIP from the checkpoint it downloads; a generated one (small here) builds
+    the image tower its shapes say, every key matched, nothing downloaded."""
+    import torch
+    from mmfisher.openmmlab.synthetic import generated_clip_checkpoint     # first: mmpretrain without torchvision
+    from mmpretrain.models.selfsup.milan import CLIPGenerator
+    path = generated_clip_checkpoint(str(tmp_path / 'clip.pth'), vision_layers=2, vision_width=64)
+    gen = CLIPGenerator(path)
+    assert gen.tokenizer.visual.conv1.weight.shape == (64, 3, 16, 16)
+    assert len(gen.tokenizer.visual.transformer.resblocks) == 2
+    state = torch.load(path, weights_only=True)
+    assert all(torch.equal(state[k], v) for k, v in gen.tokenizer.state_dict().items() if k in state)
+    feats = gen(torch.randn(1, 3, 224, 224))
+    assert feats[0].shape[-1] == 512          # the features MILAN's head is trained to predict

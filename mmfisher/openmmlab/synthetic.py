@@ -309,3 +309,19 @@ def generated_language_model(folder: str, seed: int = 0) -> str:
         torch.manual_seed(seed)
         BertModel(BertConfig(vocab_size=len(vocab))).save_pretrained(folder)
     return folder
+
+
+def generated_clip_checkpoint(path: str, seed: int = 0, embed_dim: int = 512, image_resolution: int = 224,
+                              vision_layers: int = 12, vision_width: int = 768, patch_size: int = 16) -> str:
+    """A CLIP state dict with random weights, saved to ``path`` as mmpretrain's ``CLIPGenerator`` loads it
+    (``build_clip_model``): what MILAN's config downloads as its target generator
+    (``clip_vit_base_16.pth.tar``), without downloading anything. The image tower is ViT-B/16's (the
+    defaults: 224x224, 12 layers, 768 wide, features of 512); the text tower, which the generator never
+    runs, is one layer of 64 over an 8-token vocabulary. Needs mmpretrain. Returns ``path``."""
+    from mmpretrain.models.utils.clip_generator_helper import CLIP
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        clip = CLIP(embed_dim, image_resolution, vision_layers, vision_width, patch_size, context_length=8,
+                    vocab_size=8, transformer_width=64, transformer_heads=1, transformer_layers=1)
+    torch.save(clip.state_dict(), path)
+    return path

@@ -110,7 +110,7 @@ class NoModel(Harness):
 
 
 _STEP_FILE = None     # the worker notes each step here, so a crash of the process is put on the right side
-_TMP = None           # the worker's scratch folder (a generated language model)
+_TMP = None           # the worker's scratch folder (a generated language model or CLIP checkpoint)
 
 
 def _step(name, fn, harness=False):
@@ -287,6 +287,28 @@ def _mend_upstream_bugs(model, row):
         fcn_mask_head._do_paste_mask = _paste_masks_outside_the_image(fcn_mask_head._do_paste_mask, row)
 
 
+def _dense_masked_conv2d(features, mask, weight, bias, padding=0, stride=1):
+    """mmcv's ``masked_conv2d`` as mmcv computes it on NPU: the dense conv, zero where ``mask`` is not > 0
+    (its CUDA kernel computes the conv and bias at the mask's positions only and leaves zeros elsewhere)."""
+    import torch.nn.functional as F
+    out = F.conv2d(features, weight, bias, stride=stride, padding=padding)
+    return out * (mask > 0).to(out.dtype)
+
+
+def _masked_conv_without_cpu_kernel(model, row):
+    """mmcv's ``MaskedConv2d`` (guided anchoring's heads at test time) has no CPU kernel: it runs as mmcv
+    runs it on NPU, and the row says so."""
+    try:
+        from mmcv.ops import MaskedConv2d
+        from mmcv.ops import masked_conv
+    except ImportError:  # pragma: no cover
+        return
+    if any(isinstance(m, MaskedConv2d) for m in model.modules()) and \
+            masked_conv.masked_conv2d is not _dense_masked_conv2d:
+        masked_conv.masked_conv2d = _dense_masked_conv2d
+        _note(row, "mmcv's MaskedConv2d (no CPU kernel) run as mmcv runs it on NPU: the dense conv times its mask")
+
+
 def _distilled_head(d):
     """Whether config dict ``d`` builds a head with its distillation branch on (EfficientFormer's and LeViT's
     heads: ``distillation=True``, their default)."""
@@ -380,6 +402,13 @@ def _without_torchvision(pipeline):
     return out, replaced
 
 
+def _scratch():
+    """The worker's scratch folder, deleted when the process ends."""
+    global _TMP
+    _TMP = _TMP or tempfile.TemporaryDirectory()
+    return _TMP.name
+
+
 def language_models(cfg):
     """``(dict, key)`` of every entry of ``cfg.model`` that names the HuggingFace language model a
     ``BertModel`` loads (its ``name``, and the same name wherever else the model repeats it: GLIP's
@@ -451,14 +480,23 @@ def check(config, shape, fraction):
         # GLIP / Grounding DINO load BERT by name from HuggingFace: a generated one, random weights,
         # nothing downloaded (this process's temporary folder, deleted with it)
         from mmfisher.openmmlab.synthetic import generated_language_model
-        global _TMP
-        _TMP = _TMP or tempfile.TemporaryDirectory()
         folder = _step('generated language model', lambda: generated_language_model(
-            osp.join(_TMP.name, 'bert')), harness=True)
+            osp.join(_scratch(), 'bert')), harness=True)
         for d, key in language:
             d[key] = folder
         with open(osp.join(folder, 'vocab.txt')) as f:
             _note(row, f'its BERT generated (bert-base, random weights, a {len(f.read().split())}-token vocabulary)')
+    clip_targets = [d for d in config_dicts(cfg.model)
+                    if d.get('type') == 'CLIPGenerator' and not osp.isfile(str(d.get('tokenizer_path')))]
+    if clip_targets:
+        # MILAN's target generator loads a CLIP ViT-B/16 checkpoint by URL when it is built: a generated one,
+        # random weights, nothing downloaded (this process's temporary folder, deleted with it)
+        from mmfisher.openmmlab.synthetic import generated_clip_checkpoint
+        path = _step('generated CLIP checkpoint', lambda: generated_clip_checkpoint(
+            osp.join(_scratch(), 'clip_vit_base_16.pth')), harness=True)
+        for d in clip_targets:
+            d['tokenizer_path'] = path
+        _note(row, 'its CLIP target generator generated (ViT-B/16, random weights)')
     model = _step('build', lambda: build_from_config(cfg), harness=True)
     if trained_apart(model):
         # DeepSORT has no train step: mmdet trains its detector and its ReID network with configs of their
@@ -487,6 +525,7 @@ def check(config, shape, fraction):
     randomise_norms(model)
     model.eval()
     _mend_upstream_bugs(model, row)
+    _masked_conv_without_cpu_kernel(model, row)
     _generated_gallery(model, (1, channels) + tuple(hw), row)
     try:
         from mmpretrain.models import BaseSelfSupervisor
@@ -590,8 +629,10 @@ def check(config, shape, fraction):
     compact = _step('shrink from the JSON spec', lambda: shrink(copy_model(pristine), graph, spec))
 
     def compare(dtype=torch.float32):
-        model.to(dtype)
-        compact.to(dtype)
+        # torch's own ``to``: mmdet's distillation detectors (LD, LAD) override it with one that takes a device
+        # only; their teacher is no submodule and runs in the loss, not in the outputs compared here
+        torch.nn.Module.to(model, dtype)
+        torch.nn.Module.to(compact, dtype)
         xd = x.to(dtype)
         masks = ConsumerInputs(model, graph)
         masks.set_keep(keep)
