@@ -309,6 +309,23 @@ def _masked_conv_without_cpu_kernel(model, row):
         _note(row, "mmcv's MaskedConv2d (no CPU kernel) run as mmcv runs it on NPU: the dense conv times its mask")
 
 
+def _milan_decoder_width(cfg, row):
+    """mmpretrain 1.2's MILAN config (ViT-B) leaves its decoder's ``embed_dim`` at the class default, 1024
+    (ViT-L's width), so its train step fails on the 768-wide latent. The decoder is checked with its
+    backbone's width, as the ViT-B config of MAE, whose decoder MILAN's extends, sets it."""
+    neck, backbone = cfg.model.get('neck'), cfg.model.get('backbone')
+    if not (isinstance(neck, dict) and neck.get('type') == 'MILANPretrainDecoder' and 'embed_dim' not in neck
+            and isinstance(backbone, dict) and backbone.get('type') == 'MILANViT'):
+        return
+    from mmpretrain.models.selfsup.milan import MILANViT
+    arch = backbone.get('arch', 'b')
+    width = arch['embed_dims'] if isinstance(arch, dict) else MILANViT.arch_zoo[arch.lower()]['embed_dims']
+    if width != 1024:
+        neck['embed_dim'] = width
+        _note(row, f"mmpretrain 1.2's MILAN config: its decoder's embed_dim (the default 1024) set to its "
+                   f"backbone's width, {width}")
+
+
 def _distilled_head(d):
     """Whether config dict ``d`` builds a head with its distillation branch on (EfficientFormer's and LeViT's
     heads: ``distillation=True``, their default)."""
@@ -497,6 +514,7 @@ def check(config, shape, fraction):
         for d in clip_targets:
             d['tokenizer_path'] = path
         _note(row, 'its CLIP target generator generated (ViT-B/16, random weights)')
+    _milan_decoder_width(cfg, row)
     model = _step('build', lambda: build_from_config(cfg), harness=True)
     if trained_apart(model):
         # DeepSORT has no train step: mmdet trains its detector and its ReID network with configs of their
