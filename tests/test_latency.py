@@ -483,3 +483,28 @@ def test_every_norm_activation_and_pooling_call_is_timed_and_saved_with_the_mode
     # a state saved before these were timed predicts as it did: layers and the fit only
     old = {k: v for k, v in lat.state_dict().items() if k != 'channelwise'}
     assert LatencyModel.from_state(CostModel(model, graph), old).channelwise == []
+
+
+def test_one_resource_ratio_is_that_entry_of_all_the_ratios(measured):
+    """``CostModel.ratio`` (what ``reached`` asks after every channel of a step) against ``ratios``, which
+    evaluates every resource, on random keeps; the latency model is asked only for latency."""
+    model, _, _, _ = measured
+    model = copy.deepcopy(model)
+    graph = analyse(model, torch.randn(1, 3, 16, 16))
+    lat = synthetic_latency(model, graph)
+    cost = lat.cost
+    cost.attach_latency(lat)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        keep = torch.rand(graph.num_channels, generator=g) > 0.3
+        every = cost.ratios(keep)
+        assert set(every) == {'flops', 'memory', 'params', 'latency'}
+        for resource, value in every.items():
+            assert cost.ratio(resource, keep) == pytest.approx(value, rel=1e-12)
+    calls = []
+    total = lat.total
+    lat.total = lambda keep: calls.append(1) or total(keep)
+    cost.ratio('flops', keep)
+    assert not calls
+    cost.ratio('latency', keep)
+    assert calls == [1]

@@ -171,6 +171,20 @@ class CostModel:
             out['latency'] = self.latency.total(keep)
         return out
 
+    def ratio(self, resource: str, keep: torch.Tensor) -> float:
+        """``ratios(keep)[resource]`` alone: the latency model (the dearest to evaluate, some 35 ms on
+        RetinaNet-R50-FPN) is asked only for ``'latency'``."""
+        if resource == 'latency':
+            if self.latency is None:
+                raise ValueError("resource 'latency' needs a latency model (attach_latency)")
+            return self.latency.total(keep) / self.latency.original
+        if resource not in RESOURCES[:3]:
+            raise ValueError(f'resource {resource!r} is not one of {RESOURCES}')
+        flops, memory, layer_params = self.layer_totals(keep)
+        now = {'flops': flops, 'memory': memory,
+               'params': float(self.total_params) - (self._layer_params0 - layer_params)}[resource]
+        return now / self.original[resource] if self.original[resource] else 1.0
+
     def ratios(self, keep: torch.Tensor) -> Dict[str, float]:
         now = self.totals(keep)
         ratios = {k: now[k] / self.original[k] if self.original[k] else 1.0 for k in RESOURCES[:3]}
