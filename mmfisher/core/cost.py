@@ -164,9 +164,7 @@ class CostModel:
     def totals(self, keep: torch.Tensor) -> Dict[str, float]:
         """``{'flops', 'memory', 'params'}`` (and ``'latency'`` in ms, if attached) of the model with only
         ``keep`` channels."""
-        flops, memory, layer_params = self.layer_totals(keep)
-        params = float(self.total_params) - (self._layer_params0 - layer_params)
-        out = {'flops': flops, 'memory': memory, 'params': params}
+        out = self._static_totals(keep)
         if self.latency is not None:
             out['latency'] = self.latency.total(keep)
         return out
@@ -180,10 +178,14 @@ class CostModel:
             return self.latency.total(keep) / self.latency.original
         if resource not in RESOURCES[:3]:
             raise ValueError(f'resource {resource!r} is not one of {RESOURCES}')
-        flops, memory, layer_params = self.layer_totals(keep)
-        now = {'flops': flops, 'memory': memory,
-               'params': float(self.total_params) - (self._layer_params0 - layer_params)}[resource]
+        now = self._static_totals(keep)[resource]
         return now / self.original[resource] if self.original[resource] else 1.0
+
+    def _static_totals(self, keep: torch.Tensor) -> Dict[str, float]:
+        """``{'flops', 'memory', 'params'}`` with only ``keep`` channels (``params`` with the unrecorded modules')."""
+        flops, memory, layer_params = self.layer_totals(keep)
+        params = float(self.total_params) - (self._layer_params0 - layer_params)
+        return {'flops': flops, 'memory': memory, 'params': params}
 
     def ratios(self, keep: torch.Tensor) -> Dict[str, float]:
         now = self.totals(keep)
