@@ -59,6 +59,11 @@ def parts_of(model):
     return parts
 
 
+def owners(parts):
+    """``{module: the name of the part it is in}`` for every module inside ``parts``."""
+    return {sub: name for name, m in parts for sub in m.modules()}
+
+
 class PartClock:
     """Forward hooks that add up, per part, the time between its entry and exit, and its MACs."""
 
@@ -74,10 +79,7 @@ class PartClock:
         for name, m in parts:
             self.handles.append(m.register_forward_pre_hook(self._enter(name)))
             self.handles.append(m.register_forward_hook(self._leave(name)))
-        owner = {}
-        for name, m in parts:
-            for sub in m.modules():
-                owner[sub] = name
+        owner = owners(parts)
         for sub in model.modules():
             if isinstance(sub, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
                 self.handles.append(sub.register_forward_hook(self._mac(owner.get(sub, 'rest'))))
@@ -115,10 +117,7 @@ class PartClock:
 def conv_channels(model, parts):
     """``{part: output channels of its conv layers, summed}`` (the rest under 'rest')."""
     import torch.nn as nn
-    owner = {}
-    for name, m in parts:
-        for sub in m.modules():
-            owner[sub] = name
+    owner = owners(parts)
     out = {}
     for sub in model.modules():
         if isinstance(sub, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
