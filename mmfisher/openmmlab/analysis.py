@@ -4,7 +4,9 @@
 pretrained download: ``init_cfg`` checkpoints are not loaded here);
 ``example_forward(model, shape)`` returns the callable the tracer runs: the
 detector's ``_forward`` ('tensor' mode, with minimal data samples so two-stage
-detectors run their RoI head) or the classifier's ``forward(mode='tensor')``;
+detectors run their RoI head), the classifier's ``forward(mode='tensor')``, or for a
+model with no tensor mode (GLIP, Grounding DINO, BLIP's VQA, Chinese CLIP) what its
+``predict`` runs before decoding;
 ``analyse_model(model, shape)`` traces it and the model's loss on a generated batch.
 """
 from __future__ import annotations
@@ -89,8 +91,10 @@ def example_samples(model: nn.Module, shape: Sequence[int]) -> Optional[list]:
         from mmdet.models.detectors import BaseDetector
     except ImportError:  # pragma: no cover
         return None
-    from .synthetic import random_batch, tensor_network
+    from .synthetic import random_batch, tensor_network, text_model
     net = tensor_network(model)     # the detector a wrapper's tensor forward runs
+    if text_model(net):      # texts per image: a question, answers, a referring expression
+        return random_batch(net, int(shape[0]), (int(shape[-2]), int(shape[-1])))[1]
     if not isinstance(net, BaseDetector):
         return None
     return random_batch(net, int(shape[0]), (int(shape[-2]), int(shape[-1])))[1]
@@ -106,6 +110,9 @@ def tensor_forward(model: nn.Module, x: torch.Tensor, samples: Optional[list]) -
         # no detector and no tensor mode (Mask2Former-VIS): the backbone and the track head on the
         # frames of one video (``x``: ``[T, C, H, W]``), as its predict runs them
         return net.track_head(net.backbone(x), samples)
+    text_forward = text_forward_of(net)
+    if text_forward is not None:
+        return text_forward(net, x, samples)
     if samples is not None:
         if grounded(net):
             return grounded_forward(net, x, samples)
@@ -143,6 +150,73 @@ def grounded_forward(net: nn.Module, x: torch.Tensor, samples: list) -> Any:
     for s in samples:
         s.token_positive_map = positive_map
     return net.bbox_head(**net.forward_transformer(feats, text, samples))
+
+
+def vqa_forward(net: nn.Module, x: torch.Tensor, samples: list) -> Any:
+    """The tensor forward of mmpretrain's ``BlipVQA``, which has none of its own: the image tokens, the
+    question fused with them by the multimodal backbone, and the answer decoder's scores for each
+    sample's first answer (teacher-forced, as its loss runs it; its ``predict`` runs the same decoder
+    one token at a time), with no loss and no decoding.
+
+    Returns ``(visual [N, L, C], fused [N, Q, C'], scores [N, A - 1, vocab])``: ``L`` image tokens,
+    ``Q`` question tokens, ``A`` answer tokens."""
+    tok = net.tokenizer
+    visual = net.extract_feat(x)
+    image_atts = torch.ones(visual.shape[:-1], dtype=torch.long, device=x.device)
+    q = tok([s.question for s in samples], padding='longest', return_tensors='pt').to(x.device)
+    q.input_ids[:, 0] = tok.additional_special_tokens_ids[0]      # [ENC], as BlipVQA puts it
+    fused = net.multimodal_backbone(q.input_ids, attention_mask=q.attention_mask, encoder_hidden_states=visual,
+                                    encoder_attention_mask=image_atts, return_dict=True).last_hidden_state
+    a = tok([s.gt_answer[0] for s in samples], padding='longest', return_tensors='pt').to(x.device)
+    scores = net.vqa_head(dict(answer_input_ids=a.input_ids, answer_attention_mask=a.attention_mask,
+                               question_states=fused, question_atts=q.attention_mask,
+                               answer_targets=a.input_ids.masked_fill(a.input_ids == tok.pad_token_id, -100)))
+    return visual, fused, scores
+
+
+def image_text_forward(net: nn.Module, x: torch.Tensor, samples: Optional[list] = None, classes: int = 4) -> Any:
+    """The tensor forward of mmpretrain's ``ChineseCLIP``, which has none of its own: what its zero-shot
+    ``predict`` compares, the image features of ``x`` and the text features of its first prompt for its
+    first ``classes`` class names (its ``predict`` runs every prompt of every class through the same text
+    backbone), without normalisation.
+
+    Returns ``(image [N, D], text [classes, D])``."""
+    texts = net.tokenize([net.prompt[0](c) for c in net.prototype[:classes]]).to(x.device)
+    return net.extract_image_feat(x), net.extract_text_feat(texts)
+
+
+def ofa_forward(net: nn.Module, x: torch.Tensor, samples: list) -> Any:
+    """The tensor forward of mmpretrain's ``OFA``, which has none of its own: its encoder on the image and
+    its task's prompt, and its decoder's scores for each sample's first answer (teacher-forced; its
+    ``predict`` runs the same decoder one token at a time in a beam search), with no decoding.
+
+    Returns ``(scores [N, A, vocab],)`` for ``A`` answer tokens after the first."""
+    tok = net.tokenizer
+    prompts = net.preprocess_text(samples, len(x), x.device)
+    answer = tok([' ' + s.gt_answer[0] for s in samples], return_tensors='pt', padding=True).input_ids.to(x.device)
+    every_image = torch.ones(len(x), dtype=torch.bool, device=x.device)   # as its generate() sets it
+    answer = answer[:, :-1]
+    # the decoder's attention mask as its generate() builds it (zeros: every position attended)
+    out = net.model(input_ids=prompts, images=x, images_mask=every_image, decoder_input_ids=answer,
+                    attention_mask=answer.new_zeros(answer.shape), return_dict=True)
+    return (out.logits,)
+
+
+# mmpretrain's image-text models (:data:`~mmfisher.openmmlab.synthetic.TEXT_MODELS`): class name -> the
+# tensor forward ``f(net, x, samples)`` the analysis traces and costs. A user adds a model here.
+TEXT_FORWARDS = {
+    'BlipVQA': vqa_forward,
+    'OFA': ofa_forward,
+    'ChineseCLIP': image_text_forward,
+}
+
+
+def text_forward_of(net: nn.Module) -> Optional[Callable]:
+    """``net``'s entry of :data:`TEXT_FORWARDS` (by class, then its bases), None if it has none."""
+    for cls in type(net).__mro__:
+        if cls.__name__ in TEXT_FORWARDS:
+            return TEXT_FORWARDS[cls.__name__]
+    return None
 
 
 def example_forward(model: nn.Module, shape: Sequence[int] = (1, 3, 320, 320)) -> Callable[[], Any]:

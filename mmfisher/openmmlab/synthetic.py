@@ -14,6 +14,34 @@ import torch.nn as nn
 
 # the text prompt of a generated batch for a detector that reads one (GLIP, Grounding DINO)
 PROMPT_NAMES = ('circle', 'square', 'triangle', 'star', 'ring')
+# the texts of a generated batch for an image-text model (BLIP's VQA, OFA): questions and referring
+# expressions; the answers are PROMPT_NAMES
+VQA_QUESTIONS = ('what shape is in the middle?', 'which shape is the largest?', 'what is left of the ring?')
+REFERRING = ('the large circle', 'the square on the left', 'a small star')
+# mmpretrain's image-text models that have no 'tensor' mode (class names, as their registry has them, so
+# that nothing needs importing): their data samples carry texts (:func:`text_samples`) and their tensor
+# forward is :data:`mmfisher.openmmlab.analysis.TEXT_FORWARDS`'s
+TEXT_MODELS = ('BlipVQA', 'OFA', 'ChineseCLIP')
+
+
+def text_model(model: nn.Module) -> bool:
+    """Whether ``model`` is one of :data:`TEXT_MODELS` (or a subclass)."""
+    return any(cls.__name__ in TEXT_MODELS for cls in type(model).__mro__)
+
+
+def text_samples(batch: int, g: torch.Generator) -> List:
+    """``batch`` data samples for an image-text model, with what each reads, as mmpretrain's loaders pack
+    them: a ``question`` (VQA), one or two ``gt_answer`` texts from :data:`PROMPT_NAMES` and their
+    ``gt_answer_weight``, and a referring expression ``text`` (OFA's refcoco task)."""
+    from mmpretrain.structures import DataSample
+    samples = []
+    for _ in range(batch):
+        q = VQA_QUESTIONS[int(torch.randint(len(VQA_QUESTIONS), (1,), generator=g))]
+        k = int(torch.randint(1, 3, (1,), generator=g))
+        answers = [PROMPT_NAMES[int(i)] for i in torch.randperm(len(PROMPT_NAMES), generator=g)[:k]]
+        text = REFERRING[int(torch.randint(len(REFERRING), (1,), generator=g))]
+        samples.append(DataSample(question=q, gt_answer=answers, gt_answer_weight=[1.0 / k] * k, text=text))
+    return samples
 
 
 def _num_classes(model: nn.Module, default: int = 80) -> int:
@@ -44,6 +72,8 @@ def random_batch(model: nn.Module, batch: int = 2, shape: Sequence[int] = (320, 
     g = torch.Generator().manual_seed(seed)
     h, w = int(shape[0]), int(shape[1])
     inputs = torch.randn(batch, channels, h, w, generator=g)
+    if text_model(model):
+        return inputs, text_samples(batch, g)
     n_cls = _num_classes(model)
     try:
         from mmdet.models.detectors import BaseDetector
@@ -308,6 +338,29 @@ def generated_language_model(folder: str, seed: int = 0) -> str:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         BertModel(BertConfig(vocab_size=len(vocab))).save_pretrained(folder)
+    return folder
+
+
+def generated_bpe_tokenizer(folder: str) -> str:
+    """A byte-level BPE tokenizer in BART's format (``vocab.json``, ``merges.txt``), saved to ``folder`` as
+    HuggingFace's ``from_pretrained`` reads it: what OFA's ``OFATokenizer`` loads by name
+    (``OFA-Sys/OFA-base``), without downloading anything. Needs ``transformers``.
+
+    The vocabulary is BART's special tokens and the 256 bytes, with no merges: every text is spelled
+    byte by byte. Returns ``folder``."""
+    import json
+    import os
+
+    from transformers import BartTokenizer
+    from transformers.models.bart.tokenization_bart import bytes_to_unicode
+    os.makedirs(folder, exist_ok=True)
+    tokens = ['<s>', '<pad>', '</s>', '<unk>'] + sorted(bytes_to_unicode().values()) + ['<mask>']
+    vocab, merges = os.path.join(folder, 'vocab.json'), os.path.join(folder, 'merges.txt')
+    with open(vocab, 'w') as f:
+        json.dump({t: i for i, t in enumerate(tokens)}, f)
+    with open(merges, 'w') as f:
+        f.write('#version: 0.2\n')
+    BartTokenizer(vocab, merges).save_pretrained(folder)
     return folder
 
 

@@ -23,8 +23,8 @@ A row is ``pass``, ``fail`` (something mmfisher does went wrong: the analysis, t
 outputs, or the compact model's train / predict while the original's work), ``harness`` (the check
 itself could not run the model: it does not build here, or the original model's own train step or
 predict fails on generated data), ``timeout``, ``nothing prunable``, ``features only`` (a
-backbone-only config, no head and no loss: its features analysed, shrunk and compared; nothing to
-train or predict) or ``no model`` (a folder of dataset or schedule templates, not a model family:
+backbone-only config, no head and no loss, or a model with no loss in its package, such as OFA and
+Chinese CLIP: its tensor outputs analysed, shrunk and compared; nothing to train or predict) or ``no model`` (a folder of dataset or schedule templates, not a model family:
 not counted). Where the check adapts a model to run here (a bug of the installed packages mended, a
 dataset that is not here replaced by generated data), its row says so.
 
@@ -61,8 +61,8 @@ def parse_args(argv=None):
     p.add_argument('--fraction', type=float, default=0.7, help='share of every prunable group kept')
     p.add_argument('--language-env', metavar='DIR', default=LANGUAGE_ENV if osp.isdir(LANGUAGE_ENV) else None,
                    help='a folder holding transformers and fairscale, put on the path of the checks of models '
-                        'with a language model only (GLIP, Grounding DINO); default: .language_env, which '
-                        'tools/setup_env.sh installs')
+                        'with a language model or tokenizer only (GLIP, Grounding DINO, BLIP, Chinese CLIP, OFA); '
+                        'default: .language_env, which tools/setup_env.sh installs')
     p.add_argument('--md', help='write the matrix as markdown here')
     p.add_argument('--json', help='write the results as JSON here (rewritten after every family)')
     p.add_argument('--resume', action='store_true',
@@ -172,7 +172,8 @@ def _parts(graph):
             path = path[1:]
         if path[0] == 'image_encoder' and len(path) > 1:    # an image retriever: Sequential(backbone, neck)
             path = [('backbone', 'neck')[min(int(path[1]), 1)]] + path[2:] if path[1].isdigit() else path
-        part = path[0] if path[0] in ('backbone', 'neck') else 'head'
+        # mmpretrain's multimodal models: vision_backbone, text_backbone, multimodal_backbone
+        part = 'backbone' if path[0].endswith('_backbone') else path[0] if path[0] in ('backbone', 'neck') else 'head'
         total, pr = out.get(part, (0, 0))
         out[part] = (total + 1, pr + (n in prunable))
     return out
@@ -426,15 +427,33 @@ def _scratch():
     return _TMP.name
 
 
+# tokenizers that mmpretrain's multimodal models load from HuggingFace by name: with BERT's vocabulary
+# (BLIP), with a byte-level BPE (OFA's BART tokenizer)
+BERT_TOKENIZERS = ('BlipTokenizer',)
+BPE_TOKENIZERS = ('OFATokenizer',)
+
+
 def language_models(cfg):
-    """``(dict, key)`` of every entry of ``cfg.model`` that names the HuggingFace language model a
-    ``BertModel`` loads (its ``name``, and the same name wherever else the model repeats it: GLIP's
-    head reads the BERT config by it)."""
+    """``(dict, key)`` of every entry of ``cfg.model`` that names a BERT or its vocabulary to download: a
+    ``BertModel``'s ``name`` (GLIP, Grounding DINO), and the same name wherever else the model repeats it
+    (GLIP's head reads the BERT config by it); a BERT tokenizer's ``name_or_path`` (BLIP, whose BERT
+    networks are built from its config); a ``FullTokenizer``'s ``vocab_file`` URL (Chinese CLIP)."""
     from mmfisher.openmmlab.analysis import config_dicts
     if 'model' not in cfg:
         return []
-    names = {d.get('name', 'bert-base-uncased') for d in config_dicts(cfg.model) if d.get('type') == 'BertModel'}
-    return [(d, k) for d in config_dicts(cfg.model) for k, v in d.items() if isinstance(v, str) and v in names]
+    dicts = list(config_dicts(cfg.model))
+    names = {d.get('name', 'bert-base-uncased') for d in dicts if d.get('type') == 'BertModel'}
+    found = [(d, k) for d in dicts for k, v in d.items() if isinstance(v, str) and v in names]
+    found += [(d, 'name_or_path') for d in dicts
+              if d.get('type') in BERT_TOKENIZERS and 'name_or_path' in d and (d, 'name_or_path') not in found]
+    return found + [(d, 'vocab_file') for d in dicts
+                    if d.get('type') == 'FullTokenizer' and not osp.isfile(str(d.get('vocab_file')))]
+
+
+def bpe_tokenizers(cfg):
+    """The entries of ``cfg.model`` that load a byte-level BPE tokenizer by name (OFA's)."""
+    from mmfisher.openmmlab.analysis import config_dicts
+    return [d for d in config_dicts(cfg.get('model', {})) if d.get('type') in BPE_TOKENIZERS]
 
 
 def trained_apart(model):
@@ -500,9 +519,22 @@ def check(config, shape, fraction):
         folder = _step('generated language model', lambda: generated_language_model(
             osp.join(_scratch(), 'bert')), harness=True)
         for d, key in language:
-            d[key] = folder
+            d[key] = osp.join(folder, 'vocab.txt') if key == 'vocab_file' else folder
         with open(osp.join(folder, 'vocab.txt')) as f:
-            _note(row, f'its BERT generated (bert-base, random weights, a {len(f.read().split())}-token vocabulary)')
+            words = len(f.read().split())
+        if any(d.get('type') == 'BertModel' for d, _ in language):
+            _note(row, f'its BERT generated (bert-base, random weights, a {words}-token vocabulary)')
+        else:
+            _note(row, f'its BERT tokenizer generated (a {words}-token vocabulary)')
+    bpe = bpe_tokenizers(cfg)
+    if bpe:
+        # OFA loads its BART tokenizer by name from HuggingFace: a generated one (bytes, no merges)
+        from mmfisher.openmmlab.synthetic import generated_bpe_tokenizer
+        folder = _step('generated tokenizer', lambda: generated_bpe_tokenizer(osp.join(_scratch(), 'bpe')),
+                       harness=True)
+        for d in bpe:
+            d['name_or_path'] = folder
+        _note(row, 'its BPE tokenizer generated (the 256 bytes, no merges)')
     clip_targets = [d for d in config_dicts(cfg.model)
                     if d.get('type') == 'CLIPGenerator' and not osp.isfile(str(d.get('tokenizer_path')))]
     if clip_targets:
@@ -560,6 +592,10 @@ def check(config, shape, fraction):
     headless = classifier and not selfsup and getattr(model, 'head', 1) is None
     if headless:
         _note(row, 'a backbone-only config (no head, no loss): its features are checked, nothing to train')
+    elif classifier and not callable(getattr(model, 'loss', None)):
+        # Chinese CLIP, OFA: mmpretrain runs them zero-shot or fine-tuned elsewhere, with no loss of its own
+        headless = True
+        _note(row, 'no loss in mmpretrain (inference only): its tensor outputs are checked, nothing to train')
 
     def inputs_at(hw):
         """The analysis input, its samples and a training batch at ``hw``."""
@@ -764,12 +800,14 @@ def run_one(package, family, config, args):
 
 
 def needs_language_env(config):
-    """Whether ``config``'s model has a language model (GLIP, Grounding DINO). Only those checks get
-    ``--language-env`` on their path: transformers, once importable, makes mmpretrain import torchvision,
-    whose PyPI wheel does not load beside the CPU torch."""
+    """Whether ``config``'s model loads a language model or a tokenizer by name (GLIP, Grounding DINO, BLIP,
+    Chinese CLIP, OFA). Only those checks get ``--language-env`` on their path: with transformers importable,
+    mmpretrain registers its multimodal models; every other row is checked with mmpretrain as it installs,
+    without its multimodal extras."""
     from mmengine.config import Config
     try:
-        return bool(language_models(Config.fromfile(config)))
+        cfg = Config.fromfile(config)
+        return bool(language_models(cfg) or bpe_tokenizers(cfg))
     except Exception:  # noqa: BLE001  (the worker reports a config that does not load)
         return False
 
