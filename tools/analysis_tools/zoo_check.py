@@ -547,6 +547,12 @@ def check(config, shape, fraction):
             d['tokenizer_path'] = path
         _note(row, 'its CLIP target generator generated (ViT-B/16, random weights)')
     _milan_decoder_width(cfg, row)
+    downloads = sorted({d['name_or_path'] for d in config_dicts(cfg.model)
+                        if isinstance(d.get('name_or_path'), str) and not osp.exists(d['name_or_path'])})
+    if downloads:
+        # BLIP-2, Flamingo, LLaVA, MiniGPT-4, Otter: 2.7-7B-parameter language models (OPT, LLaMA, Baichuan)
+        raise Harness(f'build: loads {", ".join(downloads)} from HuggingFace by name; the check generates '
+                      'BERT-sized language models and tokenizers only')
     model = _step('build', lambda: build_from_config(cfg), harness=True)
     if trained_apart(model):
         # DeepSORT has no train step: mmdet trains its detector and its ReID network with configs of their
