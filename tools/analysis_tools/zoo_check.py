@@ -901,9 +901,10 @@ def markdown(rows, args):
         'of two-stage detectors get the masked run\'s proposals); one train step '
         'and one predict on it. '
         'Prunable layers: conv/linear layers in a prunable group, per part.' +
-        (f' Models with a language model (GLIP, Grounding DINO) are checked with {language_env_versions()} from '
-         '`.language_env` (`tools/setup_env.sh`) on their path only, and a generated BERT.'
-         if any('BERT generated' in r.get('note', '') for r in rows) else ''),
+        (f' Models that load a language model or a tokenizer by name (GLIP, Grounding DINO, BLIP, Chinese CLIP, '
+         f'OFA) are checked with {language_env_versions()} from `.language_env` (`tools/setup_env.sh`) on their '
+         'path only, and a generated BERT or tokenizer (random weights, small vocabularies), as each row says.'
+         if any(r.get('note', '').startswith(('its BERT', 'its BPE tokenizer')) for r in rows) else ''),
         '',
         '| package | family | config | status | groups (prunable) | prunable layers: backbone / neck / head | '
         'max rel. error | not prunable, first reasons | s |',
