@@ -40,13 +40,10 @@ def main(argv=None):
     import torch
     from mmfisher.core import analyse
     from mmfisher.openmmlab import analyse_model, build_from_config, example_forward
-    from mmfisher.openmmlab.tools_common import analysis_tool_config
+    from mmfisher.openmmlab.tools_common import analysis_tool_config, package_config
 
     torch.manual_seed(0)
-    path = args.config
-    if not osp.isfile(path):
-        import mmdet
-        path = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', args.config)
+    path = package_config(args.config)
     cfg = analysis_tool_config(path, None)
     model = build_from_config(cfg)
     model.eval()

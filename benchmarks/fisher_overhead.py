@@ -43,9 +43,8 @@ def main(argv=None):
 
     config = args.config
     if config is None:
-        import mmdet
-        config = os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs', 'retinanet',
-                              'retinanet_r50_fpn_1x_coco.py')
+        from mmfisher.openmmlab.tools_common import package_config
+        config = package_config('retinanet/retinanet_r50_fpn_1x_coco.py')
     torch.manual_seed(0)
     model = build_from_config(config)
     model.train()

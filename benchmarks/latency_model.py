@@ -91,12 +91,9 @@ def main(argv=None):
     from mmfisher.core.latency import LatencyModel, time_ms
     from mmfisher.core.uniform import uniform_keep
     from mmfisher.openmmlab import analyse_model, build_from_config, example_forward
-    from mmfisher.openmmlab.tools_common import analysis_tool_config
+    from mmfisher.openmmlab.tools_common import analysis_tool_config, package_config
 
-    path = args.config
-    if not osp.isfile(path):
-        import mmdet
-        path = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', args.config)
+    path = package_config(args.config)
     if not args.no_staircase:
         staircase()
     torch.manual_seed(0)

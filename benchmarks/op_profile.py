@@ -35,11 +35,8 @@ def main(argv=None):
     from torch.profiler import ProfilerActivity, profile
 
     from mmfisher.openmmlab import build_from_config, example_forward
-    from mmfisher.openmmlab.tools_common import analysis_tool_config
-    path = args.config
-    if not osp.isfile(path):
-        import mmdet
-        path = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', args.config)
+    from mmfisher.openmmlab.tools_common import analysis_tool_config, package_config
+    path = package_config(args.config)
     h, w = (int(v) for v in args.size.lower().split('x'))
     torch.manual_seed(0)
     model = build_from_config(analysis_tool_config(path, None)).eval()

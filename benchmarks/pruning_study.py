@@ -291,13 +291,13 @@ randomness = dict(seed={seed})
         if not osp.isfile(path) or self.args.redo:
             if osp.isfile(path):
                 os.remove(path)
-            import importlib.util
-            spec = importlib.util.spec_from_file_location(
-                'uniform_spec', osp.join(ROOT, 'tools', 'analysis_tools', 'uniform_spec.py'))
-            tool = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(tool)
-            tool.main([self.base_cfg, '--target', 'flops', str(target),
-                          '--shape', '160', '--out', path])
+            from mmfisher.openmmlab.tools_common import analysis_tool_config, uniform_channel_spec
+            spec, width, ratios = uniform_channel_spec(analysis_tool_config(self.base_cfg, None),
+                                                       target=('flops', target), shape=(160,))
+            with open(path, 'x') as f:
+                json.dump(spec, f)
+            print(f'[study] uniform width {width:.4f}: ' + ', '.join(f'{k} {v:.4f}' for k, v in ratios.items())
+                  + f' of the baseline at 160x160; wrote {path}', flush=True)
         return path
 
 

@@ -42,12 +42,9 @@ def main(argv=None):
     from mmfisher.core.pruner import GroupFisherPruner
     from mmfisher.openmmlab import build_from_config, example_forward, register_all_modules
     from mmfisher.openmmlab.benchmarking import tensor_run
-    from mmfisher.openmmlab.tools_common import analysis_tool_config
+    from mmfisher.openmmlab.tools_common import analysis_tool_config, package_config
     register_all_modules()
-    path = args.config
-    if not osp.isfile(path):
-        import mmdet
-        path = osp.join(osp.dirname(mmdet.__file__), '.mim', 'configs', args.config)
+    path = package_config(args.config)
     torch.manual_seed(0)
     with DefaultScope.overwrite_default_scope('mmdet'):
         model = build_from_config(analysis_tool_config(path, None))

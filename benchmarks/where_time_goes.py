@@ -25,7 +25,6 @@ import math
 import os.path as osp
 import statistics
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, osp.abspath(osp.join(osp.dirname(__file__), '..')))
@@ -137,6 +136,7 @@ def main(argv=None):
 
     from mmfisher.openmmlab import build_from_config, build_pruned_model, register_all_modules
     from mmfisher.openmmlab.benchmarking import tensor_run
+    from mmfisher.openmmlab.tools_common import uniform_channel_spec
     register_all_modules()
     cfg = Config.fromfile(args.config)
     h, w = (int(v) for v in args.size.lower().split('x'))
@@ -154,14 +154,7 @@ def main(argv=None):
             except ValueError:
                 ratio = None
             if ratio is not None:
-                import importlib.util
-                path = osp.join(osp.dirname(__file__), '..', 'tools', 'analysis_tools', 'uniform_spec.py')
-                s = importlib.util.spec_from_file_location('uniform_spec', path)
-                tool = importlib.util.module_from_spec(s)
-                s.loader.exec_module(tool)
-                src = osp.join(tempfile.mkdtemp(prefix='where_time_goes_'), f'uniform_{ratio}.json')
-                tool.main([args.config, '--target', 'flops', str(ratio), '--shape', str(ah), str(aw),
-                           '--out', src])
+                src = uniform_channel_spec(cfg, target=('flops', ratio), shape=(ah, aw))[0]
             models[name] = build_pruned_model(cfg.model, src, input_shape=(ah, aw)).eval()
     x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
     sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)

@@ -49,9 +49,8 @@ def main(argv=None):
 
     config = args.config
     if config is None:
-        import mmdet
-        config = os.path.join(os.path.dirname(mmdet.__file__), '.mim', 'configs', 'retinanet',
-                              'retinanet_r50_fpn_1x_coco.py')
+        from mmfisher.openmmlab.tools_common import package_config
+        config = package_config('retinanet/retinanet_r50_fpn_1x_coco.py')
     if not os.path.isfile(config):
         sys.exit(f'error: config file {config!r} does not exist')
     target = (args.target[0], float(args.target[1]))

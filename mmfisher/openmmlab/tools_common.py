@@ -64,6 +64,37 @@ def build_runner(cfg):
     return Runner.from_cfg(cfg) if 'runner_type' not in cfg else RUNNERS.build(cfg)
 
 
+def package_config(config: str, package: str = 'mmdet') -> str:
+    """``config`` if it is a file, else the same path in ``package``'s own config tree (``.mim/configs``):
+    what the benchmarks accept, ``retinanet/retinanet_r50_fpn_1x_coco.py`` for mmdet's RetinaNet."""
+    if osp.isfile(config):
+        return config
+    return osp.join(osp.dirname(__import__(package).__file__), '.mim', 'configs', config)
+
+
+def uniform_channel_spec(cfg, width: Optional[float] = None, target: Optional[Tuple[str, float]] = None,
+                         shape=None):
+    """The channel spec of the uniformly narrower version of ``cfg``'s model: every prunable group keeps
+    its first ``round(width * size)`` channels, or, with ``target=(resource, ratio)``, the width whose
+    FLOPs / memory / params ratio is nearest ``ratio`` (within 2%; ValueError if none is). Costs at
+    ``shape`` (see :func:`analysis_shape`). Returns ``(spec, width, ratios)``: the spec as
+    :func:`mmfisher.core.make_spec` writes it and every resource's ratio to the original."""
+    from ..core import make_spec
+    from ..core.cost import CostModel
+    from ..core.uniform import uniform_keep, uniform_keep_for
+    from .analysis import analyse_model, build_from_config
+    if (width is None) == (target is None):
+        raise ValueError('give a width or a target, not both')
+    model = build_from_config(cfg)
+    graph = analyse_model(model, (1,) + tuple(analysis_shape(cfg, shape)))
+    cost = CostModel(model, graph)
+    if width is not None:
+        keep = uniform_keep(graph, width)
+    else:
+        width, keep, _ = uniform_keep_for(graph, cost, target[0], float(target[1]))
+    return make_spec(graph, keep), width, cost.ratios(keep)
+
+
 def analysis_tool_config(config: str, cfg_options):
     """The config an analysis tool (print_groups, uniform_spec) reads, with ``--cfg-options`` merged;
     exits with a clear message if the file does not exist."""

@@ -40,29 +40,16 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from mmfisher.core import make_spec
-    from mmfisher.core.cost import CostModel
-    from mmfisher.core.uniform import uniform_keep, uniform_keep_for
-    from mmfisher.openmmlab import analyse_model, build_from_config
-    from mmfisher.openmmlab.tools_common import analysis_shape, analysis_tool_config
+    from mmfisher.openmmlab.tools_common import analysis_shape, analysis_tool_config, uniform_channel_spec
 
     if os.path.exists(args.out):
         sys.exit(f'error: {args.out!r} exists; give another --out (nothing is overwritten)')
     cfg = analysis_tool_config(args.config, args.cfg_options)
-    model = build_from_config(cfg)
-    chw = analysis_shape(cfg, args.shape)
-    hw = chw[1:]
-    graph = analyse_model(model, (1,) + chw)
-    cost = CostModel(model, graph)
-    if args.width is not None:
-        width, keep = args.width, uniform_keep(graph, args.width)
-    else:
-        try:
-            width, keep, _ = uniform_keep_for(graph, cost, args.target[0], float(args.target[1]))
-        except ValueError as e:
-            sys.exit(f'error: {e}')
-    ratios = cost.ratios(keep)
-    spec = make_spec(graph, keep)
+    hw = analysis_shape(cfg, args.shape)[1:]
+    try:
+        spec, width, ratios = uniform_channel_spec(cfg, width=args.width, target=args.target, shape=args.shape)
+    except ValueError as e:
+        sys.exit(f'error: {e}')
     with open(args.out, 'x') as f:
         json.dump(spec, f)
     print(f'width {width:.4f}: ' + ', '.join(f'{k} {v:.4f}' for k, v in ratios.items()) +
