@@ -2,7 +2,7 @@
 
     python benchmarks/pruning_study.py [--work-dir work_dirs/pruning_study] [--dataset easy|hard]
                                        [--data-root data/shapes] [--seeds 0 1] [--targets 0.5 0.3]
-                                       [--base-iters 400] [--ft-iters 200] [--quick]
+                                       [--base-iters 400] [--ft-iters 200] [--width 1] [--quick]
 
 On the demo detector (RetinaNet, ResNet-18 at 1/4 width, FPN 64) and generated shapes data of
 160x160: the demo's (``--dataset easy``: 800 train / 200 val images, 4 classes) or its hard variant
@@ -30,7 +30,10 @@ differ in outline only, textured fills, overlaps, clutter), for every seed:
   the paper's (1 channel every 10 iterations) only when ``--schedules`` names it.
 
 ``--methods``, ``--first-target-methods``, ``--controls`` and ``--schedules`` choose the rows (e.g. the
-slower criteria at the first target only, or no re-initialised row).
+slower criteria at the first target only, or no re-initialised row). ``--width W`` scales the demo
+detector's widths (ResNet base channels, FPN and head channels) by ``W`` before anything is trained: the
+same study on a wider or narrower baseline, in ``runs_width<W>/`` so that the default width's runs are
+kept.
 
 Every training is ``tools/train.py`` in a subprocess (its final validation gives bbox mAP and mAP@50).
 Then, in this process, every distinct architecture is built and measured side by side: params,
@@ -110,6 +113,8 @@ def parse_args(argv=None):
                    choices=[k for k in SCHEDULES if k != 'default'],
                    help='other fisher-M schedules, at the first target (none: give the option no value); '
                         f'default: {", ".join(DEFAULT_SCHEDULES)}'.replace('%', '%%'))
+    p.add_argument('--width', type=float, default=1.0,
+                   help='scale the baseline detector\'s widths by this factor (default 1: the demo detector)')
     p.add_argument('--redo', action='store_true', help='run every stage again')
     p.add_argument('--quick', action='store_true', help='smoke run: 32 images, a few iterations')
     return p.parse_args(argv)
@@ -120,10 +125,34 @@ class Study:
     def __init__(self, args):
         self.args = args
         self.work = osp.abspath(args.work_dir)
-        self.base_cfg = osp.join(DEMO, DATASETS[args.dataset][0])
+        self.runs = osp.join(self.work, 'runs' if args.width == 1 else f'runs_width{args.width:g}')
         self.data = osp.abspath(args.data_root or DATASETS[args.dataset][1]).rstrip('/') + '/'
         self.quick = args.quick
-        os.makedirs(osp.join(self.work, 'runs'), exist_ok=True)
+        os.makedirs(self.runs, exist_ok=True)
+        self.base_cfg = osp.join(DEMO, DATASETS[args.dataset][0])
+        if args.width != 1:
+            self.base_cfg = self.scaled_config(args.width)
+
+    def scaled_config(self, width):
+        """The dataset's demo config with every width of its detector scaled by ``width`` (rounded): the
+        ResNet's base channels (its stages follow), the FPN's input and output channels, the head's input
+        and feature channels. Written to ``<runs>/base.py``; returns its path."""
+        from mmengine.config import Config
+        src = osp.join(DEMO, DATASETS[self.args.dataset][0])
+        m = Config.fromfile(src).model
+
+        def w(c):
+            return max(1, round(c * width))
+        text = f'''_base_ = [{src!r}]
+# every width of the demo detector scaled by {width:g}
+model = dict(backbone=dict(base_channels={w(m.backbone.base_channels)}),
+             neck=dict(in_channels={[w(c) for c in m.neck.in_channels]}, out_channels={w(m.neck.out_channels)}),
+             bbox_head=dict(in_channels={w(m.bbox_head.in_channels)}, feat_channels={w(m.bbox_head.feat_channels)}))
+'''
+        path = osp.join(self.runs, 'base.py')
+        with open(path, 'w') as f:
+            f.write(text)
+        return path
 
     def data_block(self):
         r = self.data
@@ -157,7 +186,7 @@ param_scheduler = [
     def run(self, name, config_text, deps=(), expect=None):
         """``tools/train.py`` on ``config_text`` in ``runs/<name>``, unless done with the same config and
         inputs. Returns the run directory. ``deps``: files the run reads (their cache keys count)."""
-        d = osp.join(self.work, 'runs', name.replace(' ', '_').replace('/', '-').replace('%', 'pc'))
+        d = osp.join(self.runs, name.replace(' ', '_').replace('/', '-').replace('%', 'pc'))
         key = hashlib.sha256((self._portable(config_text) + self._configs_key()
                               + ''.join(self._key_of(p) for p in deps)).encode()).hexdigest()
         done = osp.join(d, 'done.json')
@@ -195,14 +224,16 @@ param_scheduler = [
             text = text.replace(path, name)
         return text
 
-    @staticmethod
-    def _configs_key():
-        """The content of the demo configs every run inherits from."""
+    def _configs_key(self):
+        """The content of the demo configs every run inherits from (and of the scaled one, with --width)."""
         h = hashlib.sha256()
         for name in sorted(os.listdir(DEMO)):
             if name.endswith('.py'):
                 with open(osp.join(DEMO, name), 'rb') as f:
                     h.update(name.encode() + f.read())
+        if not self.base_cfg.startswith(DEMO):
+            with open(self.base_cfg, 'rb') as f:
+                h.update(self._portable(f.read().decode()).encode())
         return h.hexdigest()
 
     @staticmethod
@@ -287,7 +318,7 @@ randomness = dict(seed={seed})
                 else "_base_.model")
 
     def uniform_spec(self, target):
-        path = osp.join(self.work, 'runs', f'uniform_{target:.2f}.json')
+        path = osp.join(self.runs, f'uniform_{target:.2f}.json')
         if not osp.isfile(path) or self.args.redo:
             if osp.isfile(path):
                 os.remove(path)
@@ -375,13 +406,13 @@ def main(argv=None):
             add(f'fisher-M, {sched}', target, seed, d, pruned, args.base_iters + p_iters + args.ft_iters)
 
     print('\n===== [study] measuring every architecture side by side =====', flush=True)
-    measures = measure(rows, args)
+    measures = measure(rows, args, study.base_cfg)
     report = write_report(study, rows, measures, args, time.perf_counter() - t_start)
     print(report)
     return rows, measures
 
 
-def measure(rows, args):
+def measure(rows, args, base_cfg):
     """Params / FLOPs / activations at the training size and latency at every size, per distinct spec."""
     import torch
     from mmengine.config import Config
@@ -390,7 +421,7 @@ def measure(rows, args):
     from mmfisher.openmmlab import build_from_config, build_pruned_model, register_all_modules
     from mmfisher.openmmlab.benchmarking import complexity, interleaved_latency, tensor_run
     register_all_modules()
-    arch = Config.fromfile(osp.join(DEMO, DATASETS[args.dataset][0]))
+    arch = Config.fromfile(base_cfg)
     specs = []
     for r in rows:
         if r['spec'] not in specs:
@@ -452,9 +483,11 @@ def write_report(study, rows, measures, args, seconds):
     head = ('| model | FLOPs target | bbox mAP | mAP@50 | params (M) | FLOPs (G) | activations (M) | '
             + ' | '.join(f'latency {s} (ms)' for s in sizes) + ' | iterations |')
     lines = [
-        f'# Pruning study: the demo RetinaNet on the {args.dataset} generated shapes data',
+        f'# Pruning study: the demo RetinaNet' + ('' if args.width == 1 else f' with every width x{args.width:g}')
+        + f' on the {args.dataset} generated shapes data',
         '',
         f'`python benchmarks/pruning_study.py' + ('' if args.dataset == 'easy' else f' --dataset {args.dataset}')
+        + ('' if args.width == 1 else f' --width {args.width:g}')
         + f' --seeds {" ".join(map(str, args.seeds))} --targets '
         f'{" ".join(map(str, args.targets))} --base-iters {args.base_iters} --ft-iters {args.ft_iters}'
         + ('' if set(args.methods) == set(METHODS) else ' --methods ' + ' '.join(args.methods))

@@ -92,3 +92,30 @@ def test_equal_latency_compares_every_pruned_row_with_the_curves_of_methods_run_
     assert abs(interpolate(curves['fisher-M'], 60.0) - 0.50) < 1e-12
     assert abs(interpolate(curves['uniform'], 60.0) - 0.475) < 1e-12
     assert interpolate(curves['uniform'], 70.0) is None    # never extrapolated
+
+
+def test_width_scales_every_width_of_the_baseline_and_keeps_the_default_runs_apart(tmp_path):
+    """``--width 2``: the detector every stage inherits has twice the ResNet base channels (its stages
+    follow), FPN and head channels, and the runs go to ``runs_width2/``; a default-width study in the same
+    work dir keeps ``runs/`` and the cache key it always had."""
+    sys.path.insert(0, osp.join(ROOT, 'benchmarks'))
+    import torch
+    from pruning_study import Study, parse_args
+
+    from mmengine.config import Config
+    from mmfisher.openmmlab import build_from_config
+    work = str(tmp_path / 'study')
+    wide = Study(parse_args(['--quick', '--dataset', 'hard', '--width', '2', '--work-dir', work]))
+    plain = Study(parse_args(['--quick', '--dataset', 'hard', '--work-dir', work]))
+    assert wide.runs == osp.join(work, 'runs_width2') and plain.runs == osp.join(work, 'runs')
+    assert plain.base_cfg.endswith(osp.join('configs', 'demo', 'retinanet_r18_shapes_hard.py'))
+    convs = {}
+    for study in (plain, wide):
+        model = build_from_config(Config.fromfile(study.base_cfg))
+        convs[study.args.width] = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}
+    assert convs[1.0].keys() == convs[2.0].keys()
+    for name, c in convs[1.0].items():   # every conv twice as wide, but the classes and box outputs
+        want = c if name.startswith(('bbox_head.retina_cls', 'bbox_head.retina_reg')) else 2 * c
+        assert convs[2.0][name] == want, name
+    assert Config.fromfile(wide.base_cfg).model.bbox_head.num_classes == 8       # the hard data's classes kept
+    assert plain._configs_key() != wide._configs_key()
