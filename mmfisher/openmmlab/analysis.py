@@ -5,8 +5,8 @@ pretrained download: ``init_cfg`` checkpoints are not loaded here);
 ``example_forward(model, shape)`` returns the callable the tracer runs: the
 detector's ``_forward`` ('tensor' mode, with minimal data samples so two-stage
 detectors run their RoI head), the classifier's ``forward(mode='tensor')``, or for a
-model with no tensor mode (GLIP, Grounding DINO, BLIP's VQA, Chinese CLIP) what its
-``predict`` runs before decoding;
+model with no tensor mode (GLIP, Grounding DINO, BLIP's VQA, OFA, Chinese CLIP) what
+its ``predict`` runs before decoding;
 ``analyse_model(model, shape)`` traces it and the model's loss on a generated batch.
 """
 from __future__ import annotations
@@ -194,16 +194,17 @@ def ofa_forward(net: nn.Module, x: torch.Tensor, samples: list) -> Any:
     tok = net.tokenizer
     prompts = net.preprocess_text(samples, len(x), x.device)
     answer = tok([' ' + s.gt_answer[0] for s in samples], return_tensors='pt', padding=True).input_ids.to(x.device)
-    every_image = torch.ones(len(x), dtype=torch.bool, device=x.device)   # as its generate() sets it
     answer = answer[:, :-1]
+    every_image = torch.ones(len(x), dtype=torch.bool, device=x.device)   # as its generate() sets it
     # the decoder's attention mask as its generate() builds it (zeros: every position attended)
     out = net.model(input_ids=prompts, images=x, images_mask=every_image, decoder_input_ids=answer,
                     attention_mask=answer.new_zeros(answer.shape), return_dict=True)
     return (out.logits,)
 
 
-# mmpretrain's image-text models (:data:`~mmfisher.openmmlab.synthetic.TEXT_MODELS`): class name -> the
-# tensor forward ``f(net, x, samples)`` the analysis traces and costs. A user adds a model here.
+# mmpretrain's image-text models with no 'tensor' mode: class name -> the tensor forward ``f(net, x, samples)``
+# the analysis traces and costs. Their generated batches carry texts (synthetic.text_samples). A user adds a
+# model here.
 TEXT_FORWARDS = {
     'BlipVQA': vqa_forward,
     'OFA': ofa_forward,

@@ -18,15 +18,14 @@ PROMPT_NAMES = ('circle', 'square', 'triangle', 'star', 'ring')
 # expressions; the answers are PROMPT_NAMES
 VQA_QUESTIONS = ('what shape is in the middle?', 'which shape is the largest?', 'what is left of the ring?')
 REFERRING = ('the large circle', 'the square on the left', 'a small star')
-# mmpretrain's image-text models that have no 'tensor' mode (class names, as their registry has them, so
-# that nothing needs importing): their data samples carry texts (:func:`text_samples`) and their tensor
-# forward is :data:`mmfisher.openmmlab.analysis.TEXT_FORWARDS`'s
-TEXT_MODELS = ('BlipVQA', 'OFA', 'ChineseCLIP')
 
 
 def text_model(model: nn.Module) -> bool:
-    """Whether ``model`` is one of :data:`TEXT_MODELS` (or a subclass)."""
-    return any(cls.__name__ in TEXT_MODELS for cls in type(model).__mro__)
+    """Whether ``model`` is one of mmpretrain's image-text models with no 'tensor' mode, those
+    :data:`mmfisher.openmmlab.analysis.TEXT_FORWARDS` has a tensor forward for: its data samples carry texts
+    (:func:`text_samples`)."""
+    from .analysis import text_forward_of
+    return text_forward_of(model) is not None
 
 
 def text_samples(batch: int, g: torch.Generator) -> List:

@@ -84,7 +84,7 @@ def uniform_channel_spec(cfg, width: Optional[float] = None, target: Optional[Tu
     from ..core.uniform import uniform_keep, uniform_keep_for
     from .analysis import analyse_model, build_from_config
     if (width is None) == (target is None):
-        raise ValueError('give a width or a target, not both')
+        raise ValueError('give either a width or a target')
     model = build_from_config(cfg)
     graph = analyse_model(model, (1,) + tuple(analysis_shape(cfg, shape)))
     cost = CostModel(model, graph)
