@@ -24,8 +24,8 @@ outputs, or the compact model's train / predict while the original's work), ``ha
 itself could not run the model: it does not build here, or the original model's own train step or
 predict fails on generated data), ``timeout``, ``nothing prunable``, ``features only`` (a
 backbone-only config, no head and no loss, or a model with no loss in its package, such as OFA and
-Chinese CLIP: its tensor outputs analysed, shrunk and compared; nothing to train or predict) or ``no model`` (a folder of dataset or schedule templates, not a model family:
-not counted). Where the check adapts a model to run here (a bug of the installed packages mended, a
+Chinese CLIP: its tensor outputs analysed, shrunk and compared; nothing to train or predict) or
+``no model`` (a folder of dataset or schedule templates, not a model family: not counted). Where the check adapts a model to run here (a bug of the installed packages mended, a
 dataset that is not here replaced by generated data), its row says so.
 
 The whole matrix takes hours on 2 cores: ``--json`` is rewritten after every family, and
@@ -173,7 +173,10 @@ def _parts(graph):
         if path[0] == 'image_encoder' and len(path) > 1:    # an image retriever: Sequential(backbone, neck)
             path = [('backbone', 'neck')[min(int(path[1]), 1)]] + path[2:] if path[1].isdigit() else path
         # mmpretrain's multimodal models: vision_backbone, text_backbone, multimodal_backbone
-        part = 'backbone' if path[0].endswith('_backbone') else path[0] if path[0] in ('backbone', 'neck') else 'head'
+        if path[0].endswith('_backbone'):
+            part = 'backbone'
+        else:
+            part = path[0] if path[0] in ('backbone', 'neck') else 'head'
         total, pr = out.get(part, (0, 0))
         out[part] = (total + 1, pr + (n in prunable))
     return out
