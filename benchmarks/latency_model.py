@@ -19,8 +19,8 @@ networks, the median of the rounds):
 First it prints the staircase itself: a 3x3 conv at 80x80, as many channels in as out, timed at
 40 to 70 channels (``--no-staircase`` skips it).
 
-Prints one table per size with the FLOPs ratio, predicted ms, measured ms and the error, and the
-largest error. Run it alone: other CPU work on the machine makes both columns meaningless.
+Prints one table per size with the FLOPs ratio, predicted ms, measured ms (and the range of its rounds:
+how far one measurement of the same network moves within the run) and the error, and the largest error. Run it alone: other CPU work on the machine makes both columns meaningless.
 """
 import argparse
 import json
@@ -127,8 +127,8 @@ def main(argv=None):
         print(f'\n{args.config} at {h}x{w}, batch 1, {torch.get_num_threads()} threads ({lat.device}); '
               f'channel quantum {q}; fit: alpha {lat.alpha:.3f}, fixed {lat.fixed:.1f} ms, '
               f'{lat.per_memory * 1e6:.3f} ms per 1e6 feature-map elements')
-        print('| network | FLOPs | predicted ms | measured ms | error |')
-        print('|---|---|---|---|---|')
+        print('| network | FLOPs | predicted ms | measured ms | rounds ms (min-max) | error |')
+        print('|---|---|---|---|---|---|')
         for name, keep, _ in compact:
             pred = lat.total(keep)
             meas = statistics.median(times[name])
@@ -138,7 +138,8 @@ def main(argv=None):
             flops = cost.ratios(keep)['flops']
             rows.append({'size': size, 'network': name, 'flops': flops, 'predicted_ms': pred, 'measured_ms': meas,
                          'error': err, 'rounds_ms': times[name]})
-            print(f'| {name} | {flops:.3f} | {pred:.1f} | {meas:.1f} | {err:+.1%} |')
+            lo, hi = min(times[name]), max(times[name])
+            print(f'| {name} | {flops:.3f} | {pred:.1f} | {meas:.1f} | {lo:.1f}-{hi:.1f} | {err:+.1%} |')
     print(f'\nlargest error outside the fit: {worst:.1%}')
     if args.json:
         with open(args.json, 'w') as f:
