@@ -20,7 +20,8 @@ First it prints the staircase itself: a 3x3 conv at 80x80, as many channels in a
 40 to 70 channels (``--no-staircase`` skips it).
 
 Prints one table per size with the FLOPs ratio, predicted ms, measured ms (and the range of its rounds:
-how far one measurement of the same network moves within the run) and the error, and the largest error. Run it alone: other CPU work on the machine makes both columns meaningless.
+how far one measurement of the same network moves within the run) and the error, and the largest
+error. Run it alone: other CPU work on the machine makes both columns meaningless.
 """
 import argparse
 import json
