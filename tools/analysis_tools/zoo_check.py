@@ -25,8 +25,9 @@ itself could not run the model: it does not build here, or the original model's 
 predict fails on generated data), ``timeout``, ``nothing prunable``, ``features only`` (a
 backbone-only config, no head and no loss, or a model with no loss in its package, such as OFA and
 Chinese CLIP: its tensor outputs analysed, shrunk and compared; nothing to train or predict) or
-``no model`` (a folder of dataset or schedule templates, not a model family: not counted). Where the check adapts a model to run here (a bug of the installed packages mended, a
-dataset that is not here replaced by generated data), its row says so.
+``no model`` (a folder of dataset or schedule templates, not a model family: not counted). Where the
+check adapts a model to run here (a bug of the installed packages mended, a dataset that is not here
+replaced by generated data), its row says so.
 
 The whole matrix takes hours on 2 cores: ``--json`` is rewritten after every family, and
 ``--resume`` keeps the families it already holds (each row records the mmfisher commit it ran on).
