@@ -47,6 +47,8 @@ extrapolated).
 Every run is cached in ``runs/<name>``: it is redone only when its config (including the demo configs
 it inherits), or the run it starts from, changed; the key does not depend on where the checkout or the
 work dir lies. A change to mmfisher's or mmdet's code is not seen: ``--redo`` redoes everything.
+A run saves a checkpoint every ``--checkpoint-every`` iterations; a study stopped in the middle of a run
+continues that run from its last checkpoint when started again with the same command.
 ``--quick``: a smoke run on 32 images with a few iterations
 (for the tests; the numbers mean nothing).
 """
@@ -115,6 +117,9 @@ def parse_args(argv=None):
                         f'default: {", ".join(DEFAULT_SCHEDULES)}'.replace('%', '%%'))
     p.add_argument('--width', type=float, default=1.0,
                    help='scale the baseline detector\'s widths by this factor (default 1: the demo detector)')
+    p.add_argument('--checkpoint-every', type=int, default=500,
+                   help='save every run\'s checkpoint this often (iterations), so that an interrupted study '
+                        'resumes its unfinished run from there (default 500)')
     p.add_argument('--redo', action='store_true', help='run every stage again')
     p.add_argument('--quick', action='store_true', help='smoke run: 32 images, a few iterations')
     return p.parse_args(argv)
@@ -185,7 +190,11 @@ param_scheduler = [
 
     def run(self, name, config_text, deps=(), expect=None):
         """``tools/train.py`` on ``config_text`` in ``runs/<name>``, unless done with the same config and
-        inputs. Returns the run directory. ``deps``: files the run reads (their cache keys count)."""
+        inputs. Returns the run directory. ``deps``: files the run reads (their cache keys count).
+
+        A run saves a checkpoint every ``--checkpoint-every`` iterations (not part of the cache key). A run
+        that was interrupted (no ``done.json``) with the same key continues from its last checkpoint with
+        mmengine's ``--resume``, so a study stopped mid-stage loses at most that many iterations."""
         d = osp.join(self.runs, name.replace(' ', '_').replace('/', '-').replace('%', 'pc'))
         key = hashlib.sha256((self._portable(config_text) + self._configs_key()
                               + ''.join(self._key_of(p) for p in deps)).encode()).hexdigest()
@@ -195,27 +204,51 @@ param_scheduler = [
                 if json.load(f).get('key') == key and (expect is None or osp.exists(osp.join(d, expect))):
                     print(f'[study] {name}: cached', flush=True)
                     return d
-        if osp.isdir(d):
-            shutil.rmtree(d)
-        os.makedirs(d)
+        resume_from = None if self.args.redo else self._interrupted_checkpoint(d, key)
+        if resume_from is None:
+            if osp.isdir(d):
+                shutil.rmtree(d)
+            os.makedirs(d)
+            with open(osp.join(d, 'started.json'), 'w') as f:
+                json.dump({'key': key}, f)
         cfg = osp.join(d, 'config.py')
         with open(cfg, 'w') as f:
             f.write(config_text)
         print(f'\n===== [study] {name} =====', flush=True)
+        if resume_from is not None:
+            print(f'[study] {name}: interrupted earlier; resuming from {osp.basename(resume_from)}', flush=True)
         t0 = time.perf_counter()
         env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get('PYTHONPATH', ''))
-        with open(osp.join(d, 'train.log'), 'w') as log:
-            res = subprocess.run([sys.executable, 'tools/train.py', cfg, '--work-dir', d], cwd=ROOT, env=env,
+        cmd = [sys.executable, 'tools/train.py', cfg, '--work-dir', d,
+               '--cfg-options', f'default_hooks.checkpoint.interval={self.args.checkpoint_every}']
+        with open(osp.join(d, 'train.log'), 'a' if resume_from else 'w') as log:
+            res = subprocess.run(cmd + (['--resume', resume_from] if resume_from else []), cwd=ROOT, env=env,
                                  stdout=log, stderr=subprocess.STDOUT)
         if res.returncode != 0:
             sys.exit(f'[study] {name} failed (exit code {res.returncode}); see {osp.join(d, "train.log")}')
         seconds = time.perf_counter() - t0
         result = {'key': key, 'seconds': seconds, **self._metrics(d)}
+        if resume_from is not None:
+            result['resumed_from'] = osp.basename(resume_from)   # ``seconds`` then counts the last part only
         with open(done, 'w') as f:
             json.dump(result, f)
         print(f'[study] {name}: {seconds:.0f} s ' + ', '.join(f'{k} {v}' for k, v in result.items()
                                                             if k.startswith('coco')), flush=True)
         return d
+
+    @staticmethod
+    def _interrupted_checkpoint(d, key):
+        """The last checkpoint of an unfinished run in ``d`` started with cache key ``key``, or None (no
+        such run, another key, or no checkpoint written yet)."""
+        started, last = osp.join(d, 'started.json'), osp.join(d, 'last_checkpoint')
+        if osp.isfile(osp.join(d, 'done.json')) or not (osp.isfile(started) and osp.isfile(last)):
+            return None
+        with open(started) as f:
+            if json.load(f).get('key') != key:
+                return None
+        with open(last) as f:
+            ckpt = osp.join(d, osp.basename(f.read().strip()))
+        return ckpt if osp.isfile(ckpt) else None
 
     def _portable(self, text):
         """``text`` with this checkout's, work dir's and data root's paths replaced by placeholders, so that

@@ -119,3 +119,33 @@ def test_width_scales_every_width_of_the_baseline_and_keeps_the_default_runs_apa
         assert convs[2.0][name] == want, name
     assert Config.fromfile(wide.base_cfg).model.bbox_head.num_classes == 8       # the hard data's classes kept
     assert plain._configs_key() != wide._configs_key()
+
+
+def test_a_stage_interrupted_mid_training_resumes_from_its_checkpoint_and_ends_like_an_unbroken_one(tmp_path):
+    """A study stopped in the middle of a run (a session limit, a killed job) continues that run from its last
+    checkpoint when started again, instead of training it from the start. It ends with what the unbroken run
+    ended with, and the runs that depend on it stay cached (same key)."""
+    import torch
+    rows = ['--methods', 'fisher-M', '--controls', '--schedules', '--checkpoint-every', '2']
+    study(tmp_path, *rows)
+    base = tmp_path / 'study' / 'runs' / 'baseline_s0'
+    unbroken = torch.load(base / 'iter_8.pth', weights_only=True)['state_dict']
+    assert not (base / 'iter_6.pth').exists()                   # every 2 iterations, the last one kept
+    # what an interruption after the checkpoint of iteration 4 (of 8) leaves: the study's files, that checkpoint
+    for f in base.iterdir():
+        if f.name not in ('started.json', 'config.py'):
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, 'tools/train.py', str(base / 'config.py'), '--work-dir', str(base),
+                          '--cfg-options', 'train_cfg.max_iters=4'], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert open(base / 'last_checkpoint').read().strip().endswith('iter_4.pth')
+
+    out = study(tmp_path, *rows)
+    assert '[study] baseline s0: interrupted earlier; resuming from iter_4.pth' in out
+    assert '[study] fisher-M 0.5 s0 prune: cached' in out and '[study] fisher-M 0.5 s0: cached' in out
+    assert json.load(open(base / 'done.json'))['resumed_from'] == 'iter_4.pth'
+    resumed = torch.load(base / 'iter_8.pth', weights_only=True)['state_dict']
+    assert resumed.keys() == unbroken.keys()
+    for k in unbroken:
+        assert torch.equal(resumed[k], unbroken[k]), k
