@@ -191,7 +191,11 @@ class TestFisherPruningHook(RunnerTestCase):
             os.environ.pop('MMFISHER_CACHE_DIR')
         hook = next(h for h in runner.hooks if type(h).__name__ == 'FisherPruningHook')
         lat = torch.load(hook.saved['0.6000'], weights_only=True)['meta']['mmfisher']['latency']
-        self.assertLess(lat['predicted_ratio'], 1.0)
+        # never above 1 (the tables are monotone, the fit's terms non-negative); whether below 1 depends on
+        # this run's timings: a noisy fit may keep only the constant term, and then predicts no saving
+        self.assertLessEqual(lat['predicted_ratio'], 1.0)
+        if hook.pruner.cost.latency.per_memory > 0:        # memory falls with every channel removed
+            self.assertLess(lat['predicted_ratio'], 1.0)
         self.assertAlmostEqual(lat['predicted_ratio'], lat['predicted_ms'] / lat['original_predicted_ms'])
         self.assertGreater(lat['original_measured_ms'], 0)
         self.assertAlmostEqual(lat['measured_ratio'], lat['measured_ms'] / lat['original_measured_ms'])
