@@ -1,6 +1,6 @@
-"""The pruning study's smoke run: every kind of row is trained, measured and reported; a second run
-trains nothing (every stage cached, even with the work dir and data moved elsewhere), and a changed recipe
-redoes only what depends on it."""
+"""The pruning study's smoke run: every kind of row is trained, measured and reported; an interrupted run
+resumes from its checkpoint; a second run trains nothing (every stage cached, even with the work dir and
+data moved elsewhere), and a changed recipe redoes only what depends on it."""
 import json
 import os
 import os.path as osp
@@ -23,8 +23,15 @@ def study(tmp_path, *extra):
     return res.stdout
 
 
-def test_study_quick_reports_every_row_and_caches_its_runs(tmp_path):
-    out = study(tmp_path)
+def test_study_quick_reports_every_row_caches_its_runs_and_resumes_an_interrupted_one(tmp_path):
+    """Every row is trained and reported. A study stopped in the middle of a run (a session limit, a killed
+    job) continues that run from its last checkpoint when started again, instead of training it from the
+    start: it ends with what the unbroken run ended with, and the runs that depend on it stay cached (same
+    key). A second run trains nothing, even with the work dir and data moved elsewhere; a changed recipe
+    redoes only what depends on it. (One test: every study run here costs minutes.)"""
+    import torch
+    every_2 = ('--checkpoint-every', '2')         # outside the cache key, like every option of the machine
+    out = study(tmp_path, *every_2)
     report = (tmp_path / 'study' / 'report.md').read_text()
     for row in ROWS:
         assert f'| {row} |' in report, row
@@ -41,6 +48,21 @@ def test_study_quick_reports_every_row_and_caches_its_runs(tmp_path):
     assert table[('baseline, trained as long', 1.0)]['iters'] == table[('fisher-M', 0.5)]['iters']
     n_runs = out.count('===== [study]') - 1           # every training, and the measuring banner
 
+    # what an interruption of the baseline after its checkpoint of iteration 4 (of 8) leaves: the study's
+    # files and that checkpoint
+    runs = tmp_path / 'study' / 'runs'
+    unbroken = torch.load(runs / 'baseline_s0' / 'iter_8.pth', weights_only=True)['state_dict']
+    assert not (runs / 'baseline_s0' / 'iter_6.pth').exists()      # every 2 iterations, the last one kept
+    interrupt(runs / 'baseline_s0', at=4)
+    resumed = study(tmp_path, *every_2)
+    assert '[study] baseline s0: interrupted earlier; resuming from iter_4.pth' in resumed
+    assert resumed.count(': cached') == n_runs - 1 and '===== [study] fisher-M' not in resumed
+    assert json.load(open(runs / 'baseline_s0' / 'done.json'))['resumed_from'] == 'iter_4.pth'
+    weights = torch.load(runs / 'baseline_s0' / 'iter_8.pth', weights_only=True)['state_dict']
+    assert weights.keys() == unbroken.keys()
+    for k in unbroken:
+        assert torch.equal(weights[k], unbroken[k]), k
+
     moved = tmp_path / 'moved'          # the cache keys hold no absolute path
     moved.mkdir()
     shutil.move(str(tmp_path / 'study'), str(moved / 'study'))
@@ -49,9 +71,22 @@ def test_study_quick_reports_every_row_and_caches_its_runs(tmp_path):
     assert again.count(': cached') == n_runs and '===== [study] baseline' not in again
 
     # a longer fine-tuning redoes the fine-tuning runs and what is trained as long; nothing upstream
-    third = study(moved, '--ft-iters', '5')
+    third = study(moved, '--ft-iters', '5', '--methods', 'fisher-M', '--controls', 'uniform', '--schedules')
     assert '[study] baseline s0: cached' in third and '[study] fisher-M 0.5 s0 prune: cached' in third
     assert '===== [study] fisher-M 0.5 s0 =====' in third and '===== [study] uniform 0.5 s0 =====' in third
+
+
+def interrupt(run, at):
+    """Leave in ``run`` what a study stopped after the run's checkpoint of iteration ``at`` leaves."""
+    for f in run.iterdir():
+        if f.name not in ('started.json', 'config.py'):
+            shutil.rmtree(f) if f.is_dir() else f.unlink()
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    res = subprocess.run([sys.executable, 'tools/train.py', str(run / 'config.py'), '--work-dir', str(run),
+                          '--cfg-options', f'train_cfg.max_iters={at}'], cwd=ROOT, capture_output=True, text=True,
+                         env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert open(run / 'last_checkpoint').read().strip().endswith(f'iter_{at}.pth')
 
 
 def test_study_quick_on_the_hard_data_trains_the_eight_class_detector(tmp_path):
@@ -119,33 +154,3 @@ def test_width_scales_every_width_of_the_baseline_and_keeps_the_default_runs_apa
         assert convs[2.0][name] == want, name
     assert Config.fromfile(wide.base_cfg).model.bbox_head.num_classes == 8       # the hard data's classes kept
     assert plain._configs_key() != wide._configs_key()
-
-
-def test_a_stage_interrupted_mid_training_resumes_from_its_checkpoint_and_ends_like_an_unbroken_one(tmp_path):
-    """A study stopped in the middle of a run (a session limit, a killed job) continues that run from its last
-    checkpoint when started again, instead of training it from the start. It ends with what the unbroken run
-    ended with, and the runs that depend on it stay cached (same key)."""
-    import torch
-    rows = ['--methods', 'fisher-M', '--controls', '--schedules', '--checkpoint-every', '2']
-    study(tmp_path, *rows)
-    base = tmp_path / 'study' / 'runs' / 'baseline_s0'
-    unbroken = torch.load(base / 'iter_8.pth', weights_only=True)['state_dict']
-    assert not (base / 'iter_6.pth').exists()                   # every 2 iterations, the last one kept
-    # what an interruption after the checkpoint of iteration 4 (of 8) leaves: the study's files, that checkpoint
-    for f in base.iterdir():
-        if f.name not in ('started.json', 'config.py'):
-            shutil.rmtree(f) if f.is_dir() else f.unlink()
-    env = dict(os.environ, PYTHONPATH=ROOT)
-    res = subprocess.run([sys.executable, 'tools/train.py', str(base / 'config.py'), '--work-dir', str(base),
-                          '--cfg-options', 'train_cfg.max_iters=4'], cwd=ROOT, capture_output=True, text=True, env=env)
-    assert res.returncode == 0, res.stderr[-3000:]
-    assert open(base / 'last_checkpoint').read().strip().endswith('iter_4.pth')
-
-    out = study(tmp_path, *rows)
-    assert '[study] baseline s0: interrupted earlier; resuming from iter_4.pth' in out
-    assert '[study] fisher-M 0.5 s0 prune: cached' in out and '[study] fisher-M 0.5 s0: cached' in out
-    assert json.load(open(base / 'done.json'))['resumed_from'] == 'iter_4.pth'
-    resumed = torch.load(base / 'iter_8.pth', weights_only=True)['state_dict']
-    assert resumed.keys() == unbroken.keys()
-    for k in unbroken:
-        assert torch.equal(resumed[k], unbroken[k]), k
