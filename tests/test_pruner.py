@@ -127,6 +127,42 @@ def test_decision_is_the_global_argmin_of_normalised_fisher():
     assert pruner.step(reduce=reduce)[0]['channel'] == target
 
 
+def test_each_removal_takes_the_first_fitting_channel_of_the_full_order():
+    """A step does not sort every channel for every channel it removes: it takes the minimum. The
+    reference is the obvious computation: sort by score, equal scores by larger saving, then by the
+    seeded tie order, and walk the list to the first channel that fits min_channels. Scores and savings
+    are drawn from a few values so that ties of every kind occur; some channels are not removable (inf)."""
+    _, graph, pruner = make(min_channels=2)
+    U = graph.num_channels
+    g = torch.Generator().manual_seed(0)
+    nan_saving_seen = False
+    for trial in range(300):
+        pruner.steps = trial % 7
+        scores = torch.randint(0, 4, (U,), generator=g).double()
+        scores[torch.rand(U, generator=g) < 0.3] = float('inf')
+        saving = torch.randint(1, 3, (U,), generator=g).double()
+        if trial % 10 == 9:
+            saving[torch.randint(0, U, (3,), generator=g)] = float('nan')
+            nan_saving_seen = True
+        if trial % 50 == 49:
+            scores[int(torch.randint(0, U, (1,), generator=g))] = float('-inf')
+        alive = pruner._alive_pos.clone()
+        for ch in torch.randperm(U, generator=g)[:U // 2].tolist():   # some layers near min_channels
+            if pruner._fits(ch, alive):
+                pruner._take(ch, alive)
+        pruner._alive_pos, saved = alive, pruner._alive_pos
+        want = None                       # the loop steps ran before: the full order, walked
+        for ch in pruner._order(scores, saving).tolist():
+            if not torch.isfinite(scores[ch]):
+                break
+            if pruner._fits(ch, alive):
+                want = ch
+                break
+        assert pruner._first_fitting(scores, saving) == want, trial
+        pruner._alive_pos = saved
+    assert nan_saving_seen
+
+
 def test_never_empties_a_layer_and_respects_min_channels():
     for min_channels in (1, 2):
         model, graph, pruner = make(min_channels=min_channels)

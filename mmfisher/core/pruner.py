@@ -252,13 +252,46 @@ class GroupFisherPruner:
         s[~torch.isfinite(importance.double())] = float('inf')
         return s
 
+    def _tie_permutation(self, n: int) -> torch.Tensor:
+        """``[n]`` the random order that breaks the last ties: the same on every rank and run (seeded by
+        the step count and the channels removed)."""
+        g = torch.Generator().manual_seed(1_000_003 * (self.steps + 1) + len(self.history))
+        return torch.randperm(n, generator=g)
+
     def _order(self, scores: torch.Tensor, saving: torch.Tensor) -> torch.Tensor:
         """Channels by score; equal scores by larger saving, then in a random order that is the same
-        on every rank and run (seeded by the step count and the channels removed), never by index."""
-        g = torch.Generator().manual_seed(1_000_003 * (self.steps + 1) + len(self.history))
-        order = torch.randperm(scores.numel(), generator=g)
+        on every rank and run (:meth:`_tie_permutation`), never by index."""
+        order = self._tie_permutation(scores.numel())
         order = order[torch.argsort(-saving[order], stable=True)]
         return order[torch.argsort(scores[order], stable=True)]
+
+    def _first_fitting(self, scores: torch.Tensor, saving: torch.Tensor) -> Optional[int]:
+        """The channel :meth:`_order` puts first among those with a finite score that fit ``min_channels``,
+        or None: the lowest score, then the larger saving, then the earlier tie position. Found with
+        O(channels) minima instead of two sorts per removed channel (a one-shot step removes thousands)."""
+        if bool((scores == float('-inf')).any()):  # first in _order, and not finite: nothing is chosen
+            return None
+        if bool(torch.isnan(saving).any()):      # NaN sorts last in _order; min/max would not say so
+            order = self._order(scores, saving)
+            for ch in order.tolist():
+                if not torch.isfinite(scores[ch]):
+                    return None
+                if self._fits(ch, self._alive_pos):
+                    return ch
+            return None
+        perm = self._tie_permutation(scores.numel())
+        position = torch.empty_like(perm)
+        position[perm] = torch.arange(perm.numel())
+        live = torch.isfinite(scores)
+        while bool(live.any()):
+            best = live & (scores == scores[live].min())
+            best &= saving == saving[best].max()
+            idx = best.nonzero().flatten()
+            ch = int(idx[position[idx].argmin()])
+            if self._fits(ch, self._alive_pos):
+                return ch
+            live[ch] = False
+        return None
 
     def step(self, num_channels: int = 1, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
              ) -> List[Dict[str, Any]]:
@@ -296,16 +329,12 @@ class GroupFisherPruner:
             saving = self.cost.saving(self.normalization, self.keep)
             scores = self.scores(importance, evidence, saving)
             tie = saving if self.normalization != 'none' else self.cost.saving('memory', self.keep)
-            order = self._order(scores, tie)
-            chosen = self._best_block(order, scores, importance, saving) if self.block_quantum > 1 else None
+            chosen = None
+            if self.block_quantum > 1:
+                chosen = self._best_block(self._order(scores, tie), scores, importance, saving)
             if chosen is None:
-                chosen = []
-                for ch in order.tolist():
-                    if not torch.isfinite(scores[ch]):
-                        break
-                    if self._fits(ch, self._alive_pos):
-                        chosen = [ch]
-                        break
+                ch = self._first_fitting(scores, tie)
+                chosen = [] if ch is None else [ch]
             if not chosen:
                 break
             for ch in chosen:
