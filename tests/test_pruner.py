@@ -151,6 +151,7 @@ def test_each_removal_takes_the_first_fitting_channel_of_the_full_order():
             if pruner._fits(ch, alive):
                 pruner._take(ch, alive)
         pruner._alive_pos, saved = alive, pruner._alive_pos
+        assert pruner._all_fitting(alive).tolist() == [pruner._fits(ch, alive) for ch in range(U)]
         want = None                       # the loop steps ran before: the full order, walked
         for ch in pruner._order(scores, saving).tolist():
             if not torch.isfinite(scores[ch]):

@@ -135,6 +135,15 @@ class GroupFisherPruner:
             for ch, cnt in zip(u.tolist(), n.tolist()):
                 self._members[ch].append((a, cnt))
         self._member_sizes = torch.tensor(sizes, dtype=torch.long)
+        pairs = [(ch, a, cnt) for ch, mem in enumerate(self._members) for a, cnt in mem]
+        # the same pairs as three [pairs] long tensors: channel, array, positions (see _all_fitting)
+        self._member_pairs = tuple(torch.tensor([p[i] for p in pairs], dtype=torch.long) for i in range(3))
+
+    def _all_fitting(self, alive: torch.Tensor) -> torch.Tensor:
+        """``[num_channels]`` bool: :meth:`_fits` of every channel at once."""
+        ch, a, cnt = self._member_pairs
+        short = (alive[a] - cnt < self.min_channels).long()
+        return torch.zeros(self.graph.num_channels, dtype=torch.long).index_add_(0, ch, short) == 0
 
     def _fits(self, ch: int, alive: torch.Tensor) -> bool:
         """Whether every array holding ``ch`` keeps ``min_channels`` positions without it."""
@@ -283,6 +292,7 @@ class GroupFisherPruner:
         position = torch.empty_like(perm)
         position[perm] = torch.arange(perm.numel())
         live = torch.isfinite(scores)
+        masked = False
         while bool(live.any()):
             best = live & (scores == scores[live].min())
             best &= saving == saving[best].max()
@@ -291,6 +301,9 @@ class GroupFisherPruner:
             if self._fits(ch, self._alive_pos):
                 return ch
             live[ch] = False
+            if not masked:      # layers at min_channels: leave out every channel that does not fit, at once
+                live &= self._all_fitting(self._alive_pos)
+                masked = True
         return None
 
     def step(self, num_channels: int = 1, reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
