@@ -330,7 +330,7 @@ class GroupFisherPruner:
         if self.reached():
             self.status = 'reached'
             return []
-        if not any(self._fits(ch, self._alive_pos) for ch in (self.candidates & self.keep).nonzero().flatten().tolist()):
+        if not bool((self.candidates & self.keep & self._all_fitting(self._alive_pos)).any()):
             self.status = 'exhausted'
             return []
         if valid == 0:
